@@ -1,0 +1,373 @@
+//! The eBPF side of the daemon: loading the embedded object, pinning the counters, attaching the
+//! verdict program and putting socket pairs into the sockhashes. This is the only module that
+//! touches BPF maps at run time.
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, SockHash},
+    programs::SkSkb,
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{
+    metrics::{
+        Direction, SessionTraffic, Traffic, COUNTERS_MAX, DAEMON_COUNTERS, DAEMON_TRAFFIC,
+        KERNEL_TRAFFIC, SESSIONS, TRAFFIC_SLOTS_MAX,
+    },
+    sockmap::{ACTIVE, PAIRS, VERDICT_PROG},
+};
+
+use crate::{
+    metrics::{Cells, Metrics},
+    sys,
+};
+
+/// The eBPF object built from `proxy-ebpf` (empty when built with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// Why the kernel side could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The binary was built without the eBPF programs.
+    #[error("this binary was built without eBPF programs (AYA_BUILD_SKIP)")]
+    NoObject,
+    /// Loading the object or a program failed (old kernel, no BTF, missing privileges).
+    #[error("{context}: {source}")]
+    Ebpf {
+        /// The step that failed.
+        context: &'static str,
+        /// The aya error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The functional probe of the sockhash splice failed.
+    #[error("sockhash splice probe failed: {0}")]
+    Probe(String),
+}
+
+fn ebpf_err<E: std::error::Error + Send + Sync + 'static>(context: &'static str) -> impl FnOnce(E) -> KernelError {
+    move |e| KernelError::Ebpf { context, source: Box::new(e) }
+}
+
+/// Loaded programs and maps. Dropping it detaches the programs and removes the pins.
+pub struct Kernel {
+    // Field order matters for drop: maps and programs go before the pin directory is removed.
+    _ebpf: Ebpf,
+    ktraffic: Mutex<PerCpuArray<MapData, Traffic>>,
+    metrics: Mutex<Option<Metrics>>,
+    sockmap: Sockmap,
+    pins: Option<PinDir>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel").field("pins", &self.pins).finish_non_exhaustive()
+    }
+}
+
+/// The sockhashes and the per-socket counter map.
+pub struct Sockmap {
+    pairs: Mutex<SockHash<MapData, u64>>,
+    active: Mutex<SockHash<MapData, u64>>,
+    sessions: Mutex<HashMap<MapData, u64, SessionTraffic>>,
+}
+
+/// A pinned-map directory, removed on drop.
+#[derive(Debug)]
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_pin_dir(&self.0) {
+            tracing::warn!(dir = %self.0.display(), cause = %e, "cannot remove pinned maps");
+        }
+    }
+}
+
+fn remove_pin_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                std::fs::remove_file(e?.path())?;
+            }
+            std::fs::remove_dir(dir)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when `dir`'s parent directory is on a bpffs mount.
+fn on_bpffs(dir: &Path) -> bool {
+    let Some(parent) = dir.parent() else { return false };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    let parent = parent.canonicalize().unwrap_or_else(|_| parent.to_owned());
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fstype) = (f.next(), f.next(), f.next());
+        fstype == Some("bpf") && mnt.is_some_and(|m| parent.starts_with(m))
+    })
+}
+
+impl Kernel {
+    /// Loads the programs and maps, attaches the verdict, pins the counters under `pin_dir`.
+    ///
+    /// Pinning problems only cost `ebsocks stats`; they are logged and not fatal.
+    pub fn load(pin_dir: &Path) -> Result<Self, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(ebpf_err("loading the eBPF object"))?;
+
+        let pins = match pin_maps(&ebpf, pin_dir) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(dir = %pin_dir.display(), cause = %e, "cannot pin the BPF maps; `ebsocks stats` will not see this daemon");
+                None
+            }
+        };
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or_else(|| KernelError::Ebpf {
+                context: "finding a map in the eBPF object",
+                source: format!("map {name} missing").into(),
+            })
+        };
+        let pairs = SockHash::try_from(take(&mut ebpf, PAIRS)?).map_err(ebpf_err("opening the pairs sockhash"))?;
+        let active = SockHash::try_from(take(&mut ebpf, ACTIVE)?).map_err(ebpf_err("opening the active sockhash"))?;
+        let sessions = HashMap::try_from(take(&mut ebpf, SESSIONS)?).map_err(ebpf_err("opening the sessions map"))?;
+        let ktraffic = PerCpuArray::try_from(take(&mut ebpf, KERNEL_TRAFFIC)?).map_err(ebpf_err("opening the kernel traffic map"))?;
+        let utraffic = take(&mut ebpf, DAEMON_TRAFFIC)?;
+        let counters = take(&mut ebpf, DAEMON_COUNTERS)?;
+        let metrics = map_metrics(&utraffic, &counters).map_err(ebpf_err("mapping the counter arrays (needs Linux 5.5+)"))?;
+
+        let prog: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROG)
+            .ok_or_else(|| KernelError::Ebpf { context: "finding the verdict program", source: "missing".into() })?
+            .try_into()
+            .map_err(ebpf_err("typing the verdict program"))?;
+        prog.load().map_err(ebpf_err("loading the sk_skb verdict program (needs Linux 5.13+)"))?;
+        prog.attach(active.fd()).map_err(ebpf_err("attaching the verdict program to the sockhash"))?;
+
+        Ok(Self {
+            _ebpf: ebpf,
+            ktraffic: Mutex::new(ktraffic),
+            metrics: Mutex::new(Some(metrics)),
+            sockmap: Sockmap { pairs: Mutex::new(pairs), active: Mutex::new(active), sessions: Mutex::new(sessions) },
+            pins,
+        })
+    }
+
+    /// The sockhash splice.
+    pub fn sockmap(&self) -> &Sockmap {
+        &self.sockmap
+    }
+
+    /// Splices a loopback pair and checks a byte crosses, to learn whether this kernel carries
+    /// the sockhash path correctly (program accepted, cookies, verdict without parser, redirect).
+    /// The probe's own bytes are then cleared from the kernel counters.
+    pub fn probe(&self) -> Result<(), KernelError> {
+        let res = probe(&self.sockmap).map_err(|e| KernelError::Probe(e.to_string()));
+        self.reset_kernel_traffic();
+        res
+    }
+
+    fn reset_kernel_traffic(&self) {
+        let Ok(cpus) = aya::util::nr_cpus() else { return };
+        let Ok(mut map) = self.ktraffic.lock() else { return };
+        for i in 0..map.len() {
+            if let Ok(zero) = PerCpuValues::try_from(vec![Traffic::default(); cpus]) {
+                let _ = map.set(i, zero, 0);
+            }
+        }
+    }
+
+    /// The daemon counters, living in the mapped BPF arrays (taken once).
+    pub fn take_metrics(&self) -> Option<Metrics> {
+        self.metrics.lock().ok()?.take()
+    }
+}
+
+fn map_metrics(utraffic: &aya::maps::Map, counters: &aya::maps::Map) -> io::Result<Metrics> {
+    let fd = |m: &aya::maps::Map| -> io::Result<std::os::fd::OwnedFd> {
+        let aya::maps::Map::Array(data) = m else {
+            return Err(io::Error::other("counter map is not an array"));
+        };
+        data.fd().as_fd().try_clone_to_owned()
+    };
+    let (t, c) = (fd(utraffic)?, fd(counters)?);
+    Ok(Metrics::mapped(
+        Cells::map(c.as_fd(), COUNTERS_MAX as usize)?,
+        Cells::map(t.as_fd(), 2 * TRAFFIC_SLOTS_MAX as usize)?,
+    ))
+}
+
+fn pin_maps(ebpf: &Ebpf, dir: &Path) -> io::Result<PinDir> {
+    if !on_bpffs(dir) {
+        return Err(io::Error::other(format!(
+            "{} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)",
+            dir.parent().unwrap_or(dir).display()
+        )));
+    }
+    if dir.exists() {
+        tracing::warn!(dir = %dir.display(), "removing stale pinned maps from an earlier run");
+        remove_pin_dir(dir)?;
+    }
+    std::fs::create_dir(dir)?;
+    let guard = PinDir(dir.to_owned());
+    for name in [KERNEL_TRAFFIC, DAEMON_TRAFFIC, DAEMON_COUNTERS, SESSIONS] {
+        let map = ebpf.map(name).ok_or_else(|| io::Error::other(format!("map {name} missing")))?;
+        map.pin(dir.join(name)).map_err(io::Error::other)?;
+    }
+    Ok(guard)
+}
+
+/// A pair in the sockhashes. The kernel drops the sockets from the maps when they close;
+/// [`Sockmap::finish`] removes the counter entries.
+#[derive(Debug)]
+pub struct SplicedPair {
+    /// Cookie of the client socket.
+    pub client_cookie: u64,
+    /// Cookie of the upstream socket.
+    pub upstream_cookie: u64,
+    /// False when the upstream socket could not be activated (it received a FIN between the
+    /// two activations): its bytes must then be copied to the client by the daemon.
+    pub upstream_active: bool,
+}
+
+/// Why a pair could not be spliced; the session then uses another path.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {source}")]
+pub struct SpliceError {
+    /// The step that failed.
+    pub context: &'static str,
+    /// The cause (`EOPNOTSUPP` for a socket that already received a FIN).
+    #[source]
+    pub source: io::Error,
+}
+
+fn map_io(context: &'static str) -> impl FnOnce(aya::maps::MapError) -> SpliceError {
+    move |e| SpliceError { context, source: io::Error::other(e) }
+}
+
+impl Sockmap {
+    /// Puts a connected pair into the sockhashes so that the kernel redirects each side's
+    /// received bytes to the other side's egress.
+    ///
+    /// Call it after the daemon has written everything it owes each socket (the SOCKS reply to
+    /// the client, pipelined bytes to the upstream) and has stopped reading from both.
+    pub fn splice(&self, session_id: u64, client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) -> Result<SplicedPair, SpliceError> {
+        let io_err = |context| move |source| SpliceError { context, source };
+        let c = sys::socket_cookie(client).map_err(io_err("reading the client socket cookie"))?;
+        let u = sys::socket_cookie(upstream).map_err(io_err("reading the upstream socket cookie"))?;
+
+        {
+            let mut s = self.sessions.lock().expect("sessions lock");
+            let entry = |direction: Direction| SessionTraffic { session_id, direction: direction as u32, ..Default::default() };
+            s.insert(c, entry(Direction::Up), 0).map_err(map_io("adding the client counters"))?;
+            if let Err(e) = s.insert(u, entry(Direction::Down), 0) {
+                let _ = s.remove(&c);
+                return Err(map_io("adding the upstream counters")(e));
+            }
+        }
+        let undo_sessions = || {
+            let mut s = self.sessions.lock().expect("sessions lock");
+            let _ = s.remove(&c);
+            let _ = s.remove(&u);
+        };
+
+        // 1. Redirect targets for both sides. No program runs on these sockets yet.
+        {
+            let mut pairs = self.pairs.lock().expect("pairs lock");
+            if let Err(e) = pairs.insert(c, upstream, 0) {
+                drop(pairs);
+                undo_sessions();
+                return Err(map_io("adding the upstream socket to the pairs sockhash")(e));
+            }
+            if let Err(e) = pairs.insert(u, client, 0) {
+                let _ = pairs.remove(&c);
+                drop(pairs);
+                undo_sessions();
+                return Err(map_io("adding the client socket to the pairs sockhash")(e));
+            }
+        }
+        let undo_pairs = || {
+            let mut pairs = self.pairs.lock().expect("pairs lock");
+            let _ = pairs.remove(&c);
+            let _ = pairs.remove(&u);
+        };
+
+        // 2. Activate the client: its bytes (including any it queued before now) start flowing
+        // to the upstream, which is already a valid target.
+        if let Err(e) = self.active.lock().expect("active lock").insert(c, client, 0) {
+            undo_pairs();
+            undo_sessions();
+            return Err(map_io("activating the client socket")(e));
+        }
+        // Bytes queued before the insert are only pushed through the verdict on the next
+        // data_ready; setting SO_RCVLOWAT triggers one now.
+        let _ = sys::set_rcvlowat(client, 1);
+
+        // 3. Activate the upstream. If it has just received a FIN it cannot be inserted any more;
+        // the client direction stays in the kernel and the caller copies the upstream's last bytes.
+        let upstream_active = match self.active.lock().expect("active lock").insert(u, upstream, 0) {
+            Ok(()) => {
+                let _ = sys::set_rcvlowat(upstream, 1);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(session = session_id, cause = %e, "upstream socket could not be activated; copying its bytes");
+                false
+            }
+        };
+        Ok(SplicedPair { client_cookie: c, upstream_cookie: u, upstream_active })
+    }
+
+    /// Current counters of one socket of a spliced pair.
+    pub fn traffic(&self, cookie: u64) -> Option<SessionTraffic> {
+        self.sessions.lock().expect("sessions lock").get(&cookie, 0).ok()
+    }
+
+    /// Reads the final counters of a pair and removes them: `(up, down)`.
+    pub fn finish(&self, pair: &SplicedPair) -> (SessionTraffic, SessionTraffic) {
+        let mut s = self.sessions.lock().expect("sessions lock");
+        let up = s.get(&pair.client_cookie, 0).unwrap_or_default();
+        let down = s.get(&pair.upstream_cookie, 0).unwrap_or_default();
+        let _ = s.remove(&pair.client_cookie);
+        let _ = s.remove(&pair.upstream_cookie);
+        (up, down)
+    }
+}
+
+fn probe(sockmap: &Sockmap) -> io::Result<()> {
+    const MSG: &[u8] = b"ebsocks sockhash probe";
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut client = TcpStream::connect(addr)?;
+    let (proxy_client_side, _) = listener.accept()?;
+    let mut target = TcpStream::connect(addr)?;
+    let (proxy_target_side, _) = listener.accept()?;
+    // Bytes sent before the splice must come through too (the SO_RCVLOWAT kick).
+    client.write_all(&MSG[..4])?;
+    std::thread::sleep(Duration::from_millis(5));
+    let pair = sockmap
+        .splice(0, proxy_client_side.as_fd(), proxy_target_side.as_fd())
+        .map_err(io::Error::other)?;
+    client.write_all(&MSG[4..])?;
+    target.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut got = vec![0u8; MSG.len()];
+    let res = target.read_exact(&mut got);
+    sockmap.finish(&pair);
+    res.map_err(|e| io::Error::new(e.kind(), format!("redirected bytes did not arrive: {e}")))?;
+    if got != MSG {
+        return Err(io::Error::other("redirected bytes arrived altered"));
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Moving payload between an established client/upstream pair, on one of three data paths:
+//! the in-kernel sockhash redirect ([`sockmap`]), splice(2) through a pipe ([`splice`]), or a
+//! userspace copy ([`copy`]). [`relay`] picks the path and falls back per session.
+
+pub mod copy;
+pub mod sockmap;
+pub mod splice;
+pub mod watch;
+
+use std::io;
+
+use proxy_common::metrics::{Counter, DataPath};
+use tokio::net::TcpStream;
+
+use crate::{config::DataPathMode, Shared};
+
+/// What a finished relay did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The path that carried the session.
+    pub path: DataPath,
+    /// Payload bytes client -> target (after the negotiation).
+    pub up: u64,
+    /// Payload bytes target -> client.
+    pub down: u64,
+    /// Why it ended: `eof` (both sides closed), or the error.
+    pub end: End,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions reached end of file and were forwarded.
+    Eof,
+    /// A socket error (reset, timeout) ended the session; the other side was reset too.
+    Error(io::Error),
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+/// Byte counts the daemon already moved itself before handing the pair to a data path. The
+/// sockmap path needs them to know when the kernel has forwarded everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Consumed {
+    /// Bytes the daemon read from the client socket (negotiation and pipelined payload).
+    pub from_client: u64,
+}
+
+/// Relays until both directions are closed, on the configured path, falling back per session.
+pub async fn relay(
+    shared: &Shared,
+    session_id: u64,
+    client: TcpStream,
+    upstream: TcpStream,
+    consumed: Consumed,
+) -> Outcome {
+    let want_sockmap = matches!(shared.config.data_path, DataPathMode::Auto | DataPathMode::Sockmap);
+    let (client, upstream) = match (want_sockmap, shared.sockmap()) {
+        (true, Some(sm)) => {
+            match sockmap::relay(shared, sm, session_id, client, upstream, consumed).await {
+                Ok(outcome) => return outcome,
+                Err(fallback) => {
+                    shared.metrics.inc(Counter::SessionsFallback);
+                    tracing::debug!(session = session_id, cause = %fallback.error, "sockmap splice refused, falling back to splice(2)");
+                    (fallback.client, fallback.upstream)
+                }
+            }
+        }
+        _ => (client, upstream),
+    };
+    match shared.config.data_path {
+        DataPathMode::Copy => copy::relay(shared, client, upstream).await,
+        _ => splice::relay(shared, client, upstream).await,
+    }
+}

@@ -1,0 +1,197 @@
+//! The in-kernel path: both sockets go into the sockhashes and the verdict program redirects each
+//! side's received bytes to the other side's egress. The daemon never reads payload; it only
+//!
+//! - notices a FIN or reset through [`Watcher`] (no wake-up per data chunk),
+//! - waits until every byte the kernel received before the FIN has been handed to the peer
+//!   socket (the kernel does not forward FIN across a redirect, and closing early would discard
+//!   the redirect backlog), then sends the FIN itself with `shutdown(SHUT_WR)`,
+//! - closes both sockets once both directions are done.
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::TcpStream as StdTcpStream,
+    os::fd::{AsFd, BorrowedFd},
+    time::Duration,
+};
+
+use proxy_common::metrics::{DataPath, Direction};
+use tokio::net::TcpStream;
+
+use super::{
+    watch::{self, Watch},
+    Consumed, End, Outcome,
+};
+use crate::{
+    kernel::{Sockmap, SpliceError},
+    sys, Shared,
+};
+
+/// `TCP_CLOSE` in `tcpi_state`.
+const TCP_CLOSE: u8 = 7;
+
+/// A pair the kernel refused, handed back for another data path.
+#[derive(Debug)]
+pub struct Fallback {
+    /// The client socket, untouched.
+    pub client: TcpStream,
+    /// The upstream socket, untouched.
+    pub upstream: TcpStream,
+    /// Why the sockhash refused the pair.
+    pub error: SpliceError,
+}
+
+/// Everything ever written into a socket's send queue: acknowledged bytes plus those still
+/// queued. Only the daemon and the redirect write to it, so it grows exactly by what they write.
+fn sent_total(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(sys::tcp_info(fd)?.bytes_acked + sys::outq(fd)?)
+}
+
+/// Splices the pair in the kernel and waits for the session to end.
+///
+/// Must be called after the daemon has written everything it owes to either socket and has
+/// stopped reading from both; `consumed` says how much it read from the client.
+pub async fn relay(
+    shared: &Shared,
+    sm: &Sockmap,
+    session_id: u64,
+    client: TcpStream,
+    upstream: TcpStream,
+    consumed: Consumed,
+) -> Result<Outcome, Fallback> {
+    let baselines = sent_total(client.as_fd()).and_then(|c| Ok((c, sent_total(upstream.as_fd())?)));
+    let (sent0_client, sent0_upstream) = match baselines {
+        Ok(b) => b,
+        Err(source) => {
+            let error = SpliceError { context: "reading TCP_INFO", source };
+            return Err(Fallback { client, upstream, error });
+        }
+    };
+    let pair = match sm.splice(session_id, client.as_fd(), upstream.as_fd()) {
+        Ok(p) => p,
+        Err(error) => return Err(Fallback { client, upstream, error }),
+    };
+    let _active = shared.metrics.relaying(DataPath::Sockmap);
+
+    // Leave tokio's reactor: it would be woken by every forwarded chunk.
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            // Cannot happen for a registered TcpStream; end the session cleanly all the same.
+            drop((c, u));
+            sm.finish(&pair);
+            let e = io::Error::other("cannot leave the reactor");
+            return Ok(Outcome { path: DataPath::Sockmap, up: 0, down: 0, end: End::Error(e) });
+        }
+    };
+
+    let watches = shared
+        .watcher
+        .watch(client.as_fd())
+        .and_then(|c| Ok((c, shared.watcher.watch(upstream.as_fd())?)));
+    let res = match watches {
+        Ok((cw, uw)) => {
+            let up = kernel_direction(&client, &cw, &upstream, consumed.from_client, sent0_upstream);
+            let down = async {
+                if pair.upstream_active {
+                    kernel_direction(&upstream, &uw, &client, 0, sent0_client).await
+                } else {
+                    copy_rest(shared, &upstream, &uw, &client).await
+                }
+            };
+            tokio::try_join!(up, down).map(drop)
+        }
+        Err(e) => Err(e),
+    };
+    let (up, down) = sm.finish(&pair);
+    let end = match res {
+        Ok(()) => End::Eof,
+        Err(e) => {
+            let _ = sys::set_linger_zero(client.as_fd());
+            let _ = sys::set_linger_zero(upstream.as_fd());
+            End::Error(e)
+        }
+    };
+    Ok(Outcome { path: DataPath::Sockmap, up: up.bytes, down: down.bytes, end })
+}
+
+/// One kernel-carried direction: wait for the source's FIN, wait for the redirected bytes to
+/// reach the destination's send queue, forward the FIN.
+async fn kernel_direction(
+    src: &StdTcpStream,
+    src_watch: &Watch,
+    dst: &StdTcpStream,
+    consumed_src: u64,
+    sent0_dst: u64,
+) -> io::Result<()> {
+    wait_read_closed(src, src_watch).await?;
+    drain(src, dst, consumed_src, sent0_dst).await?;
+    sys::shutdown_write(dst.as_fd())
+}
+
+async fn wait_read_closed(src: &StdTcpStream, watch: &Watch) -> io::Result<()> {
+    loop {
+        let st = watch::state(src.as_fd())?;
+        if st.error {
+            return Err(sys::take_error(src.as_fd())?.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
+        }
+        if st.read_closed {
+            // A reset also shuts the receive side down, but leaves an error pending (POLLERR,
+            // checked above). The TCP state cannot tell: a socket whose FIN_WAIT2 ends in
+            // TIME_WAIT reads as CLOSE too.
+            return Ok(());
+        }
+        watch.changed().await;
+    }
+}
+
+/// Waits until every byte `src` received (minus what the daemon read itself, minus the FIN) has
+/// entered `dst`'s send queue. Polls with backoff: this runs once per direction per session,
+/// only after the FIN.
+async fn drain(src: &StdTcpStream, dst: &StdTcpStream, consumed_src: u64, sent0_dst: u64) -> io::Result<()> {
+    let mut delay = Duration::from_micros(200);
+    loop {
+        let received = sys::tcp_info(src.as_fd())?.bytes_received;
+        let want = received.saturating_sub(1 + consumed_src);
+        let dinfo = sys::tcp_info(dst.as_fd())?;
+        // We have not sent our FIN on `dst` yet, so CLOSE can only mean it was reset.
+        if dinfo.state == TCP_CLOSE {
+            return Err(io::ErrorKind::ConnectionReset.into());
+        }
+        let have = (dinfo.bytes_acked + sys::outq(dst.as_fd())?).saturating_sub(sent0_dst);
+        if have >= want {
+            return Ok(());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The rare half-spliced case: the upstream received its FIN before it could be activated, so
+/// its remaining bytes are still in its receive queue. Copy them to the client, then forward
+/// the FIN.
+async fn copy_rest(shared: &Shared, src: &StdTcpStream, watch: &Watch, dst: &StdTcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match (&*src).read(&mut buf) {
+            Ok(0) => return sys::shutdown_write(dst.as_fd()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    () = watch.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            match (&*dst).write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) => return Err(e),
+            }
+        }
+        shared.metrics.add_traffic(DataPath::Copy, Direction::Down, n as u64);
+    }
+}
