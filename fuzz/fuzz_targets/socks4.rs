@@ -1,0 +1,8 @@
+//! `Socks4Request::decode` never panics, and what it decodes round-trips.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use proxy_socks5::Socks4Request;
+
+fuzz_target!(|data: &[u8]| proxy_socks5_fuzz::round_trip::<Socks4Request>(data));
