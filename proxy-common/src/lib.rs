@@ -113,26 +113,53 @@ pub mod metrics {
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct TrafficSlot(pub u32);
 
+    /// How a UDP datagram was relayed.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum UdpPath {
+        /// By the daemon's relay socket.
+        Relay = 0,
+        /// By the XDP program, without reaching the daemon.
+        Xdp = 1,
+    }
+
+    impl UdpPath {
+        /// Lower-case name used in stats output.
+        pub const fn name(self) -> &'static str {
+            match self {
+                Self::Relay => "relay",
+                Self::Xdp => "xdp",
+            }
+        }
+    }
+
     impl TrafficSlot {
-        /// TCP carried on `path` in direction `dir`.
+        /// TCP carried on `path` in direction `dir` (slots 0..6).
         pub const fn tcp(path: DataPath, dir: Direction) -> Self {
             Self(path as u32 * 2 + dir as u32)
         }
 
+        /// UDP payload relayed on `path` in direction `dir` (slots 6..10).
+        pub const fn udp(path: UdpPath, dir: Direction) -> Self {
+            Self(6 + path as u32 * 2 + dir as u32)
+        }
+
         /// The protocol, path and direction names of this slot, for display.
         pub const fn names(self) -> (&'static str, &'static str, &'static str) {
-            let path = match self.0 / 2 {
-                0 => DataPath::Sockmap,
-                1 => DataPath::Splice,
-                _ => DataPath::Copy,
-            };
             let dir = if self.0 % 2 == 0 { Direction::Up } else { Direction::Down };
-            ("tcp", path.name(), dir.name())
+            let (proto, path) = match self.0 / 2 {
+                0 => ("tcp", DataPath::Sockmap.name()),
+                1 => ("tcp", DataPath::Splice.name()),
+                2 => ("tcp", DataPath::Copy.name()),
+                3 => ("udp", UdpPath::Relay.name()),
+                _ => ("udp", UdpPath::Xdp.name()),
+            };
+            (proto, path, dir.name())
         }
     }
 
     /// Slots in use; the arrays are sized [`TRAFFIC_SLOTS_MAX`] to leave room for more.
-    pub const TRAFFIC_SLOTS: u32 = 6;
+    pub const TRAFFIC_SLOTS: u32 = 10;
 
     /// Capacity of the traffic arrays (reserved for UDP and per-protocol slots).
     pub const TRAFFIC_SLOTS_MAX: u32 = 32;
@@ -184,11 +211,31 @@ pub mod metrics {
         ConnectionsRefused = 9,
         /// Sessions cut at the negotiation timeout.
         NegotiationTimeouts = 10,
+        /// Requests refused by a `block` rule (reply 0x02).
+        RequestsBlocked = 11,
+        /// Username/password authentications that failed.
+        AuthFailures = 12,
+        /// Username/password authentications that succeeded.
+        AuthSuccesses = 13,
+        /// UDP associations created.
+        UdpAssociationsTotal = 14,
+        /// UDP associations open now (gauge).
+        UdpAssociationsActive = 15,
+        /// Client datagrams dropped: FRAG != 0.
+        UdpDroppedFrag = 16,
+        /// Datagrams dropped: source is not the associated client (nor a reply to it).
+        UdpDroppedForeign = 17,
+        /// Client datagrams dropped: malformed SOCKS UDP header.
+        UdpDroppedMalformed = 18,
+        /// Client datagrams dropped: destination forbidden by the rules or unresolvable.
+        UdpDroppedBlocked = 19,
+        /// BIND requests served (first reply sent).
+        BindsTotal = 20,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 11] = [
+        pub const ALL: [Self; 21] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -200,6 +247,16 @@ pub mod metrics {
             Self::ConnectionsAccepted,
             Self::ConnectionsRefused,
             Self::NegotiationTimeouts,
+            Self::RequestsBlocked,
+            Self::AuthFailures,
+            Self::AuthSuccesses,
+            Self::UdpAssociationsTotal,
+            Self::UdpAssociationsActive,
+            Self::UdpDroppedFrag,
+            Self::UdpDroppedForeign,
+            Self::UdpDroppedMalformed,
+            Self::UdpDroppedBlocked,
+            Self::BindsTotal,
         ];
 
         /// Name used in stats output.
@@ -216,6 +273,16 @@ pub mod metrics {
                 Self::ConnectionsAccepted => "connections_accepted",
                 Self::ConnectionsRefused => "connections_refused",
                 Self::NegotiationTimeouts => "negotiation_timeouts",
+                Self::RequestsBlocked => "requests_blocked",
+                Self::AuthFailures => "auth_failures",
+                Self::AuthSuccesses => "auth_successes",
+                Self::UdpAssociationsTotal => "udp_associations_total",
+                Self::UdpAssociationsActive => "udp_associations_active",
+                Self::UdpDroppedFrag => "udp_dropped_frag",
+                Self::UdpDroppedForeign => "udp_dropped_foreign",
+                Self::UdpDroppedMalformed => "udp_dropped_malformed",
+                Self::UdpDroppedBlocked => "udp_dropped_blocked",
+                Self::BindsTotal => "binds_total",
             }
         }
 

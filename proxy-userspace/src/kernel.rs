@@ -263,7 +263,16 @@ impl Sockmap {
     ///
     /// Call it after the daemon has written everything it owes each socket (the SOCKS reply to
     /// the client, pipelined bytes to the upstream) and has stopped reading from both.
-    pub fn splice(&self, session_id: u64, client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) -> Result<SplicedPair, SpliceError> {
+    ///
+    /// `forwarded_up` is payload the daemon already sent to the upstream itself; it starts the
+    /// client socket's counter so that the per-session figure covers every payload byte.
+    pub fn splice(
+        &self,
+        session_id: u64,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+        forwarded_up: u64,
+    ) -> Result<SplicedPair, SpliceError> {
         let io_err = |context| move |source| SpliceError { context, source };
         let c = sys::socket_cookie(client).map_err(io_err("reading the client socket cookie"))?;
         let u = sys::socket_cookie(upstream).map_err(io_err("reading the upstream socket cookie"))?;
@@ -271,7 +280,8 @@ impl Sockmap {
         {
             let mut s = self.sessions.lock().expect("sessions lock");
             let entry = |direction: Direction| SessionTraffic { session_id, direction: direction as u32, ..Default::default() };
-            s.insert(c, entry(Direction::Up), 0).map_err(map_io("adding the client counters"))?;
+            let up = SessionTraffic { bytes: forwarded_up, ..entry(Direction::Up) };
+            s.insert(c, up, 0).map_err(map_io("adding the client counters"))?;
             if let Err(e) = s.insert(u, entry(Direction::Down), 0) {
                 let _ = s.remove(&c);
                 return Err(map_io("adding the upstream counters")(e));
@@ -358,7 +368,7 @@ fn probe(sockmap: &Sockmap) -> io::Result<()> {
     client.write_all(&MSG[..4])?;
     std::thread::sleep(Duration::from_millis(5));
     let pair = sockmap
-        .splice(0, proxy_client_side.as_fd(), proxy_target_side.as_fd())
+        .splice(0, proxy_client_side.as_fd(), proxy_target_side.as_fd(), 0)
         .map_err(io::Error::other)?;
     client.write_all(&MSG[4..])?;
     target.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -5,6 +5,8 @@
 //! program ([`kernel`]) when the kernel supports it, splice(2), or a plain copy. Counters live in
 //! BPF maps pinned under bpffs, where `ebsocks stats` ([`stats`]) reads them.
 
+pub mod acl;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod kernel;
@@ -13,6 +15,7 @@ pub mod relay;
 pub mod session;
 pub mod stats;
 pub mod sys;
+pub mod udp;
 
 use std::{
     future::Future,

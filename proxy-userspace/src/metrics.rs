@@ -12,7 +12,9 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-use proxy_common::metrics::{Counter, DataPath, Direction, TrafficSlot, COUNTERS_MAX, TRAFFIC_SLOTS_MAX};
+use proxy_common::metrics::{
+    Counter, DataPath, Direction, TrafficSlot, UdpPath, COUNTERS_MAX, TRAFFIC_SLOTS_MAX,
+};
 
 /// A run of `u64` cells, on the heap or in a shared mapping of a BPF array.
 pub struct Cells {
@@ -113,6 +115,18 @@ impl Metrics {
         let slot = TrafficSlot::tcp(path, dir).0 as usize;
         self.traffic.get(2 * slot).fetch_add(bytes, Relaxed);
         self.traffic.get(2 * slot + 1).fetch_add(1, Relaxed);
+    }
+
+    /// Records one UDP datagram of `bytes` payload relayed by the daemon in `dir`.
+    pub fn add_udp(&self, dir: Direction, bytes: u64) {
+        let slot = TrafficSlot::udp(UdpPath::Relay, dir).0 as usize;
+        self.traffic.get(2 * slot).fetch_add(bytes, Relaxed);
+        self.traffic.get(2 * slot + 1).fetch_add(1, Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(&self, c: Counter, n: u64) {
+        self.counters.get(c as usize).fetch_add(n, Relaxed);
     }
 
     /// Bytes the daemon moved on `path` in `dir`.

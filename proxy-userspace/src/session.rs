@@ -91,8 +91,9 @@ pub async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let outcome = relay::relay(shared, id, client, upstream, Consumed { from_client: consumed }).await;
-    let up = outcome.up + leftover.len() as u64;
+    let consumed = Consumed { from_client: consumed, forwarded: leftover.len() as u64 };
+    let outcome = relay::relay(shared, id, client, upstream, consumed).await;
+    let up = outcome.up;
     let path = outcome.path.name();
     let secs = started.elapsed().as_secs_f64();
     match outcome.end {

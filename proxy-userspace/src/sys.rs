@@ -194,6 +194,30 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
     })
 }
 
+/// `SO_BINDTODEVICE`: outgoing traffic of this socket leaves through `ifname`.
+pub fn bind_to_device(fd: BorrowedFd<'_>, ifname: &str) -> io::Result<()> {
+    // SAFETY: passes a readable byte string of the stated length.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            ifname.as_ptr().cast(),
+            ifname.len() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// The local address routing would use to reach `dst` (a connected UDP socket sends nothing).
+pub fn route_source(dst: std::net::SocketAddr) -> io::Result<std::net::IpAddr> {
+    let any: std::net::SocketAddr = if dst.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let s = std::net::UdpSocket::bind(any)?;
+    let target = if dst.port() == 0 { std::net::SocketAddr::new(dst.ip(), 9) } else { dst };
+    s.connect(target)?;
+    Ok(s.local_addr()?.ip())
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

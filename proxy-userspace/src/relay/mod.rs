@@ -44,6 +44,9 @@ pub enum End {
 pub struct Consumed {
     /// Bytes the daemon read from the client socket (negotiation and pipelined payload).
     pub from_client: u64,
+    /// Payload bytes the daemon already wrote to the upstream (what the client pipelined behind
+    /// its request). Counted as the session's first payload on whichever path it takes.
+    pub forwarded: u64,
 }
 
 /// Relays until both directions are closed, on the configured path, falling back per session.
@@ -68,8 +71,14 @@ pub async fn relay(
         }
         _ => (client, upstream),
     };
-    match shared.config.data_path {
-        DataPathMode::Copy => copy::relay(shared, client, upstream).await,
-        _ => splice::relay(shared, client, upstream).await,
+    let path = if shared.config.data_path == DataPathMode::Copy { DataPath::Copy } else { DataPath::Splice };
+    if consumed.forwarded > 0 {
+        shared.metrics.add_traffic(path, proxy_common::metrics::Direction::Up, consumed.forwarded);
     }
+    let mut outcome = match path {
+        DataPath::Copy => copy::relay(shared, client, upstream).await,
+        _ => splice::relay(shared, client, upstream).await,
+    };
+    outcome.up += consumed.forwarded;
+    outcome
 }

@@ -55,9 +55,24 @@ pub async fn relay(
     sm: &Sockmap,
     session_id: u64,
     client: TcpStream,
-    upstream: TcpStream,
+    mut upstream: TcpStream,
     consumed: Consumed,
 ) -> Result<Outcome, Fallback> {
+    // The verdict reads whole skbs from the receive queue and ignores how much of a partially
+    // read skb the daemon already consumed: a payload that arrived in the same segment as the
+    // SOCKS request would be forwarded again from the skb's start, negotiation bytes included.
+    // Empty the client's receive queue first, so that only whole, unread skbs remain.
+    let mut consumed = consumed;
+    match take_queued(&client, &mut upstream).await {
+        Ok(n) => {
+            consumed.from_client += n;
+            consumed.forwarded += n;
+        }
+        Err(source) => {
+            let error = SpliceError { context: "forwarding queued client bytes", source };
+            return Err(Fallback { client, upstream, error });
+        }
+    }
     let baselines = sent_total(client.as_fd()).and_then(|c| Ok((c, sent_total(upstream.as_fd())?)));
     let (sent0_client, sent0_upstream) = match baselines {
         Ok(b) => b,
@@ -66,11 +81,16 @@ pub async fn relay(
             return Err(Fallback { client, upstream, error });
         }
     };
-    let pair = match sm.splice(session_id, client.as_fd(), upstream.as_fd()) {
+    let pair = match sm.splice(session_id, client.as_fd(), upstream.as_fd(), consumed.forwarded) {
         Ok(p) => p,
         Err(error) => return Err(Fallback { client, upstream, error }),
     };
     let _active = shared.metrics.relaying(DataPath::Sockmap);
+    // Payload the daemon forwarded at the handover belongs to this path's figures too, so that
+    // they count every payload byte exactly once.
+    if consumed.forwarded > 0 {
+        shared.metrics.add_traffic(DataPath::Sockmap, Direction::Up, consumed.forwarded);
+    }
 
     // Leave tokio's reactor: it would be woken by every forwarded chunk.
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
@@ -112,6 +132,34 @@ pub async fn relay(
         }
     };
     Ok(Outcome { path: DataPath::Sockmap, up: up.bytes, down: down.bytes, end })
+}
+
+/// Most the daemon reads from a client while emptying its receive queue before the splice; a
+/// client still sending beyond this gets the splice(2) path instead.
+const QUEUED_MAX: u64 = 4 << 20;
+
+/// Reads everything queued on `client` without waiting and writes it to `upstream`. Returns the
+/// byte count. Fails (so the session falls back) if the client keeps the queue busy past
+/// [`QUEUED_MAX`]: then the queue may end in a partially read skb.
+async fn take_queued(client: &TcpStream, upstream: &mut TcpStream) -> io::Result<u64> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut total = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        if total >= QUEUED_MAX {
+            return Err(io::Error::other("client keeps sending during the handover"));
+        }
+        buf.resize(64 * 1024, 0);
+        match client.try_read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                upstream.write_all(&buf[..n]).await?;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// One kernel-carried direction: wait for the source's FIN, wait for the redirected bytes to

@@ -1,0 +1,361 @@
+//! Aggregation of repeated runs (median, min, max, ratio to direct) and the Markdown / JSON
+//! output.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::procfs::Machine;
+use crate::subjects::SubjectInfo;
+use crate::workloads::{Metric, RunSample, Workload};
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Stat> {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Some(Stat { median, min: v[0], max: v[n - 1] })
+    }
+}
+
+/// Every figure of one (subject, workload) pair.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub subject: String,
+    pub workload: String,
+    pub metric: Metric,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+    /// The main figure over the successful runs.
+    pub figure: Option<Stat>,
+    /// `figure.median` / direct's `figure.median`.
+    pub ratio_to_direct: Option<f64>,
+    pub p50_us: Option<Stat>,
+    pub p99_us: Option<Stat>,
+    pub ops_per_s: Option<Stat>,
+    pub cpu_unit: &'static str,
+    /// Server CPU per GiB received (bulk) or per request / session; median over runs.
+    pub daemon_cpu: Option<Stat>,
+    /// Whole-machine busy CPU in the same unit.
+    pub machine_cpu: Option<Stat>,
+    /// Highest peak RSS of the server's processes over the runs, KiB.
+    pub daemon_peak_rss_kib: Option<u64>,
+    pub errors: u64,
+    pub runs: Vec<RunSample>,
+    /// Runs that produced no figure, with the reason.
+    pub failed_runs: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl Cell {
+    pub fn new(subject: &str, w: Workload, outcomes: &[Result<RunSample, String>]) -> Cell {
+        let m = w.metric();
+        let runs: Vec<RunSample> = outcomes.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+        let failed_runs: Vec<String> = outcomes.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        let errors = runs.iter().map(|r| r.errors).sum();
+        let mut notes = Vec::new();
+        if errors > 0 {
+            let first = runs.iter().find_map(|r| r.first_error.clone()).unwrap_or_default();
+            notes.push(format!("{errors} error(s), first: {first}"));
+        }
+        let stalled: usize = runs.iter().map(|r| r.stalled_streams).sum();
+        if stalled > 0 {
+            notes.push(format!("{stalled} stalled stream-run(s) (no byte received in a window)"));
+        }
+        let lingering = runs.iter().map(|r| r.lingering_target_conns).max().unwrap_or(0);
+        if lingering > 0 {
+            notes.push(format!("up to {lingering} target connection(s) still open 2 s after the clients closed"));
+        }
+        if !failed_runs.is_empty() {
+            notes.push(format!("{} of {} run(s) failed: {}", failed_runs.len(), outcomes.len(), failed_runs[0]));
+        }
+        Cell {
+            subject: subject.into(),
+            workload: w.name(),
+            metric: m,
+            unit: m.unit(),
+            higher_is_better: m.higher_is_better(),
+            figure: Stat::of(runs.iter().filter_map(|r| r.figure(m))),
+            ratio_to_direct: None,
+            p50_us: Stat::of(runs.iter().filter_map(|r| r.p50_us)),
+            p99_us: Stat::of(runs.iter().filter_map(|r| r.p99_us)),
+            ops_per_s: Stat::of(runs.iter().filter_map(|r| r.ops_per_s)),
+            cpu_unit: m.cpu_unit(),
+            daemon_cpu: Stat::of(runs.iter().filter_map(|r| r.daemon_cpu_s.and_then(|c| r.cpu_per_unit(m, c)))),
+            machine_cpu: Stat::of(runs.iter().filter_map(|r| r.cpu_per_unit(m, r.machine_cpu_s))),
+            daemon_peak_rss_kib: runs.iter().filter_map(|r| r.daemon_peak_rss_kib).max(),
+            errors,
+            runs,
+            failed_runs,
+            notes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub seconds: f64,
+    pub warmup_seconds: f64,
+    pub repeat: usize,
+    pub paths: Vec<String>,
+    pub workloads: Vec<String>,
+    pub peers: Vec<String>,
+    pub ebsocks: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub version: &'static str,
+    pub date: String,
+    pub machine: Machine,
+    pub settings: Settings,
+    /// Busy CPUs (out of `machine.cores`) in 0.5 s with no benchmark traffic, before and
+    /// after the runs.
+    pub background_busy_cpus: [f64; 2],
+    pub duration_s: f64,
+    pub interrupted: bool,
+    pub notes: Vec<String>,
+    pub subjects: Vec<SubjectInfo>,
+    pub results: Vec<Cell>,
+}
+
+impl Report {
+    /// Fills in every cell's ratio to the direct subject of the same workload.
+    pub fn compute_ratios(&mut self) {
+        let direct: Vec<(String, f64)> = self
+            .results
+            .iter()
+            .filter(|c| c.subject == "direct")
+            .filter_map(|c| c.figure.map(|f| (c.workload.clone(), f.median)))
+            .collect();
+        for c in &mut self.results {
+            let base = direct.iter().find(|(w, _)| *w == c.workload).map(|(_, f)| *f);
+            c.ratio_to_direct = match (c.figure, base) {
+                (Some(f), Some(b)) if b > 0.0 => Some(f.median / b),
+                _ => None,
+            };
+        }
+    }
+
+    fn cell(&self, subject: &str, workload: &str) -> Option<&Cell> {
+        self.results.iter().find(|c| c.subject == subject && c.workload == workload)
+    }
+
+    pub fn markdown(&self, workloads: &[Workload]) -> String {
+        let mut o = String::new();
+        let s = &self.settings;
+        let _ = writeln!(o, "# ebsocks benchmark, {}\n", self.date);
+        let _ = writeln!(
+            o,
+            "Machine: {}; background load {:.2} / {:.2} CPUs busy before / after the runs.\n",
+            self.machine.one_line(),
+            self.background_busy_cpus[0],
+            self.background_busy_cpus[1]
+        );
+        let _ = writeln!(
+            o,
+            "Loopback (127.0.0.1) only; targets and load generator run inside ebsocks-bench. Each figure is the \
+             median of {} run(s) of {} s (after {} s of warm-up), min–max beside it; × direct is the ratio to \
+             the direct connection measured in the same invocation. Server CPU = user + system time of the \
+             server's processes; machine CPU = all busy time of the machine (including softirq, the load \
+             generator and the targets) in the same window; per GiB received for bulk, per request / session \
+             otherwise (server CPU is counted in 1/{} s ticks, so a server that does next to nothing shows 0). \
+             Peak RSS = VmHWM during the run, summed over the server's processes.{}\n",
+            s.repeat,
+            fmt_num(s.seconds),
+            fmt_num(s.warmup_seconds),
+            crate::procfs::clock_ticks(),
+            if self.interrupted { " **Interrupted: figures are partial.**" } else { "" }
+        );
+        for n in &self.notes {
+            let _ = writeln!(o, "Note: {n}\n");
+        }
+
+        let measured: Vec<&SubjectInfo> =
+            self.subjects.iter().filter(|si| self.results.iter().any(|c| c.subject == si.name)).collect();
+
+        // Summary: direct in absolute figures, everyone else as a ratio.
+        let _ = writeln!(o, "## Summary\n");
+        let _ = writeln!(
+            o,
+            "direct in absolute figures; other rows × direct (throughput and session rate: higher is better; \
+             rr latency: lower is better).\n"
+        );
+        let mut head = String::from("| subject |");
+        let mut rule = String::from("|---|");
+        for w in workloads {
+            let _ = write!(head, " {} |", w.name());
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(o, "{head}\n{rule}");
+        for si in &measured {
+            let mut row = format!("| {} |", si.name);
+            for w in workloads {
+                let text = match self.cell(&si.name, &w.name()) {
+                    Some(c) if si.name == "direct" => {
+                        c.figure.map(|f| format!("{} {}", fmt_fig(w.metric(), f.median), short_unit(w.metric()))).unwrap_or("failed".into())
+                    }
+                    Some(c) => match (c.ratio_to_direct, c.figure) {
+                        (Some(r), _) => format!("{r:.2}×"),
+                        (None, Some(f)) => format!("{} {}", fmt_fig(w.metric(), f.median), short_unit(w.metric())),
+                        (None, None) => "failed".into(),
+                    },
+                    None => "–".into(),
+                };
+                let _ = write!(row, " {text} |");
+            }
+            let _ = writeln!(o, "{row}");
+        }
+        let _ = writeln!(o);
+
+        for w in workloads {
+            let m = w.metric();
+            let _ = writeln!(o, "## {}\n\n{}.\n", w.name(), w.describe());
+            let cu = m.cpu_unit();
+            match m {
+                Metric::Throughput => {
+                    let _ = writeln!(
+                        o,
+                        "| subject | Gbit/s | min–max | × direct | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
+                         |---|---:|---:|---:|---:|---:|---:|---|"
+                    );
+                }
+                Metric::Latency => {
+                    let _ = writeln!(
+                        o,
+                        "| subject | p50 µs | min–max p50 | p99 µs | × direct (p50) | req/s | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
+                         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                    );
+                }
+                Metric::SessionRate => {
+                    let _ = writeln!(
+                        o,
+                        "| subject | sessions/s | min–max | × direct | session p50 / p99 ms | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
+                         |---|---:|---:|---:|---:|---:|---:|---:|---|"
+                    );
+                }
+            }
+            for si in &measured {
+                let Some(c) = self.cell(&si.name, &w.name()) else { continue };
+                let fig = |st: Option<Stat>| st.map(|f| fmt_fig(m, f.median)).unwrap_or("failed".into());
+                let range = |st: Option<Stat>| {
+                    st.map(|f| format!("{}–{}", fmt_fig(m, f.min), fmt_fig(m, f.max))).unwrap_or_default()
+                };
+                let ratio = c.ratio_to_direct.map(|r| format!("{r:.2}")).unwrap_or("–".into());
+                let cpu = |st: Option<Stat>| st.map(|x| fmt_cpu(m, x.median)).unwrap_or("n/a".into());
+                let rss = c.daemon_peak_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or("n/a".into());
+                let notes = c.notes.iter().map(|n| one_line(n, 160)).collect::<Vec<_>>().join("; ");
+                let row = match m {
+                    Metric::Throughput => format!(
+                        "| {} | {} | {} | {ratio} | {} | {} | {rss} | {notes} |",
+                        c.subject,
+                        fig(c.figure),
+                        range(c.figure),
+                        cpu(c.daemon_cpu),
+                        cpu(c.machine_cpu)
+                    ),
+                    Metric::Latency => format!(
+                        "| {} | {} | {} | {} | {ratio} | {} | {} | {} | {rss} | {notes} |",
+                        c.subject,
+                        fig(c.figure),
+                        range(c.figure),
+                        c.p99_us.map(|p| format!("{:.1}", p.median)).unwrap_or_default(),
+                        c.ops_per_s.map(|p| format!("{:.0}", p.median)).unwrap_or_default(),
+                        cpu(c.daemon_cpu),
+                        cpu(c.machine_cpu)
+                    ),
+                    Metric::SessionRate => format!(
+                        "| {} | {} | {} | {ratio} | {} | {} | {} | {rss} | {notes} |",
+                        c.subject,
+                        fig(c.figure),
+                        range(c.figure),
+                        match (c.p50_us, c.p99_us) {
+                            (Some(a), Some(b)) => format!("{:.2} / {:.2}", a.median / 1e3, b.median / 1e3),
+                            _ => String::new(),
+                        },
+                        cpu(c.daemon_cpu),
+                        cpu(c.machine_cpu)
+                    ),
+                };
+                let _ = writeln!(o, "{row}");
+            }
+            let _ = writeln!(o);
+        }
+
+        let _ = writeln!(o, "## Subjects\n");
+        for si in &self.subjects {
+            let status = if si.available || self.results.iter().any(|c| c.subject == si.name) {
+                match &si.unavailable_reason {
+                    Some(r) => format!("measured until it failed: {}", one_line(r, 400)),
+                    None => "measured".to_string(),
+                }
+            } else {
+                format!("unavailable: {}", one_line(si.unavailable_reason.as_deref().unwrap_or("?"), 400))
+            };
+            let _ = write!(o, "- **{}**: {status}", si.name);
+            if let Some(v) = &si.version {
+                let _ = write!(o, "; {v}");
+            }
+            if let Some(c) = &si.command {
+                let _ = write!(o, "; `{c}`");
+            }
+            if let Some(e) = &si.exit {
+                let _ = write!(o, "; stop: {}", one_line(e, 200));
+            }
+            let _ = writeln!(o);
+        }
+        let _ = writeln!(o, "\nTotal time {:.0} s.", self.duration_s);
+        o
+    }
+}
+
+fn short_unit(m: Metric) -> &'static str {
+    match m {
+        Metric::Throughput => "Gbit/s",
+        Metric::Latency => "µs",
+        Metric::SessionRate => "/s",
+    }
+}
+
+fn fmt_fig(m: Metric, v: f64) -> String {
+    match m {
+        Metric::Throughput => format!("{v:.2}"),
+        Metric::Latency => format!("{v:.1}"),
+        Metric::SessionRate => format!("{v:.0}"),
+    }
+}
+
+fn fmt_cpu(m: Metric, v: f64) -> String {
+    match m {
+        Metric::Throughput => format!("{v:.3}"),
+        Metric::Latency | Metric::SessionRate => format!("{v:.1}"),
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Markdown-safe single line, cut at `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let flat = s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|");
+    if flat.chars().count() > max {
+        let cut: String = flat.chars().take(max).collect();
+        format!("{cut}…")
+    } else {
+        flat
+    }
+}

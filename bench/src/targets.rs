@@ -1,0 +1,261 @@
+//! In-process loopback targets: a sink (reads and discards, counts per connection), a source
+//! (writes a repeating buffer until the peer goes away), and echo servers (one thread per
+//! connection for latency, tokio for many short sessions). A fresh target is started for each
+//! measured run, so bytes still in flight from an earlier run never count.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Buffer size used by every bulk reader and writer.
+pub const BULK_BUF: usize = 256 * 1024;
+/// How often blocked handlers look at the stop flag.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Per-stream byte counters; the sum is the bytes received, a stream whose counter does not
+/// move is stalled.
+#[derive(Default)]
+pub struct Meter {
+    streams: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl Meter {
+    pub fn add_stream(&self) -> Arc<AtomicU64> {
+        let c = Arc::new(AtomicU64::new(0));
+        self.streams.lock().expect("meter lock").push(c.clone());
+        c
+    }
+
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.streams.lock().expect("meter lock").iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Reads and discards; counts bytes per connection in the target's meter.
+    Sink,
+    /// Writes a repeating buffer until the peer closes.
+    Source,
+    /// Echoes, one OS thread per connection (lowest latency).
+    Echo,
+    /// Echoes, one tokio task per connection (many short sessions).
+    EchoAsync,
+}
+
+pub struct Target {
+    pub addr: SocketAddrV4,
+    pub meter: Arc<Meter>,
+    stop: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+    accept_thread: Option<JoinHandle<()>>,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    fn new(a: &Arc<AtomicUsize>) -> ActiveGuard {
+        a.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(a.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn retryable(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
+}
+
+impl Target {
+    pub fn start(kind: TargetKind, rt: &tokio::runtime::Handle) -> Result<Target> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind loopback target")?;
+        let addr = match listener.local_addr()? {
+            std::net::SocketAddr::V4(a) => a,
+            other => anyhow::bail!("unexpected target address {other}"),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let active = Arc::new(AtomicUsize::new(0));
+        let meter = Arc::new(Meter::default());
+        let mut t = Target { addr, meter, stop, active, accept_thread: None, accept_task: None };
+        if kind == TargetKind::EchoAsync {
+            let _enter = rt.enter();
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let (stop, active) = (t.stop.clone(), t.active.clone());
+            t.accept_task = Some(rt.spawn(async move {
+                loop {
+                    let Ok((s, _)) = listener.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    };
+                    let guard = ActiveGuard::new(&active);
+                    tokio::spawn(echo_async(s, stop.clone(), guard));
+                }
+            }));
+        } else {
+            let (stop, active, meter) = (t.stop.clone(), t.active.clone(), t.meter.clone());
+            t.accept_thread = Some(
+                std::thread::Builder::new()
+                    .name(format!("{kind:?}-accept").to_lowercase())
+                    .spawn(move || accept_loop(kind, listener, stop, active, meter))?,
+            );
+        }
+        Ok(t)
+    }
+
+    /// Connections currently open on the target side.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every connection to the target has closed; false on timeout.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while self.active() > 0 {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+impl Drop for Target {
+    /// Stops accepting; open connections end within [`POLL`].
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(task) = self.accept_task.take() {
+            task.abort();
+        }
+        if let Some(th) = self.accept_thread.take() {
+            // Wake the blocking accept().
+            let _ = TcpStream::connect_timeout(&self.addr.into(), Duration::from_secs(1));
+            let _ = th.join();
+        }
+    }
+}
+
+fn accept_loop(
+    kind: TargetKind,
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+    meter: Arc<Meter>,
+) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok((s, _)) = accepted else {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        let guard = ActiveGuard::new(&active);
+        let stop = stop.clone();
+        let counter = (kind == TargetKind::Sink).then(|| meter.add_stream());
+        let spawned = std::thread::Builder::new().name("target-conn".into()).spawn(move || {
+            let _guard = guard;
+            let _ = s.set_nodelay(true);
+            match kind {
+                TargetKind::Sink => sink(s, &stop, &counter.expect("sink counter")),
+                TargetKind::Source => source(s, &stop),
+                _ => echo(s, &stop),
+            }
+        });
+        if spawned.is_err() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn sink(mut s: TcpStream, stop: &AtomicBool, counter: &AtomicU64) {
+    let _ = s.set_read_timeout(Some(POLL));
+    let mut buf = vec![0u8; BULK_BUF];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if retryable(&e) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn source(mut s: TcpStream, stop: &AtomicBool) {
+    let _ = s.set_write_timeout(Some(POLL));
+    let buf = pattern(BULK_BUF);
+    while !stop.load(Ordering::Relaxed) {
+        match s.write(&buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if retryable(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn echo(mut s: TcpStream, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(POLL));
+    let _ = s.set_write_timeout(Some(POLL * 4));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if retryable(&e) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn echo_async(mut s: tokio::net::TcpStream, stop: Arc<AtomicBool>, _guard: ActiveGuard) {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match tokio::time::timeout(POLL, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => {
+                if !matches!(tokio::time::timeout(POLL * 4, s.write_all(&buf[..n])).await, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            Err(_) => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A non-constant byte pattern (so that nothing along the path can shortcut zero pages).
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}

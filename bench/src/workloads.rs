@@ -1,0 +1,600 @@
+//! Workloads and the measurement harness. A workload starts its clients against a fresh
+//! target (through the subject's SOCKS5 server, if any); the harness lets them warm up, then
+//! takes a snapshot (bytes, operations, CPU time of the server and of the machine), lets them
+//! run for the measured window, takes a second snapshot, stops them and waits (bounded) for
+//! the clients and the target's connections to close.
+//!
+//! To add a workload: add a variant to [`Workload`], give it a name, description, metric and
+//! target kind, list it in [`Workload::all`], and start its clients in [`start_clients`].
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::procfs::machine_busy_seconds;
+use crate::socks;
+use crate::subjects::Subject;
+use crate::targets::{pattern, Meter, Target, TargetKind, BULK_BUF};
+
+/// Bound on connecting and on the SOCKS5 handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on one request/response exchange.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on one short session (connect, handshake, one exchange).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long all clients may take to connect before the run is abandoned.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long clients may take to stop after the window.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the target's connections may stay open after the clients closed theirs.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often blocked clients look at the phase.
+const POLL: Duration = Duration::from_millis(250);
+/// Request and response size of the rr and conn-rate workloads.
+const SMALL: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dir {
+    /// client -> target
+    Up,
+    /// target -> client
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// `streams` parallel bulk transfers in one direction; Gbit/s aggregate.
+    Bulk { dir: Dir, streams: usize },
+    /// Back-to-back small request/response exchanges over one session; latency.
+    Rr { size: usize },
+    /// Short sessions (connect, one exchange, close) from `clients` concurrent clients; rate.
+    ConnRate { clients: usize, size: usize },
+}
+
+/// What a workload's main figure is, which decides units and the direction of "better".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Metric {
+    /// Gbit/s received; CPU per GiB.
+    Throughput,
+    /// p50 latency in µs (lower is better); CPU per request.
+    Latency,
+    /// Sessions per second; CPU per session.
+    SessionRate,
+}
+
+impl Metric {
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::Throughput => "Gbit/s",
+            Metric::Latency => "µs (p50)",
+            Metric::SessionRate => "sessions/s",
+        }
+    }
+
+    pub fn cpu_unit(self) -> &'static str {
+        match self {
+            Metric::Throughput => "s/GiB",
+            Metric::Latency => "µs/req",
+            Metric::SessionRate => "µs/session",
+        }
+    }
+
+    pub fn higher_is_better(self) -> bool {
+        self != Metric::Latency
+    }
+}
+
+impl Workload {
+    pub fn all() -> Vec<Workload> {
+        vec![
+            Workload::Bulk { dir: Dir::Up, streams: 1 },
+            Workload::Bulk { dir: Dir::Up, streams: 8 },
+            Workload::Bulk { dir: Dir::Down, streams: 1 },
+            Workload::Bulk { dir: Dir::Down, streams: 8 },
+            Workload::Rr { size: SMALL },
+            Workload::ConnRate { clients: 64, size: SMALL },
+        ]
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Workload::Bulk { dir: Dir::Up, streams } => format!("bulk-up-{streams}"),
+            Workload::Bulk { dir: Dir::Down, streams } => format!("bulk-down-{streams}"),
+            Workload::Rr { .. } => "rr".into(),
+            Workload::ConnRate { .. } => "conn-rate".into(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Workload::Bulk { dir, streams } => {
+                let (streams, plural) = (*streams, if *streams == 1 { "" } else { "s" });
+                let (way, op) = match dir {
+                    Dir::Up => ("client → sink", "writes"),
+                    Dir::Down => ("source → client", "reads"),
+                };
+                format!("{streams} stream{plural} {way}, {} KiB {op}, aggregate Gbit/s received", BULK_BUF / 1024)
+            }
+            Workload::Rr { size } => {
+                format!("{size}-byte request/response back to back over one session, latency in µs")
+            }
+            Workload::ConnRate { clients, size } => format!(
+                "short sessions (connect, SOCKS5 handshake, one {size}-byte request/response, close) \
+                 from {clients} concurrent clients, sessions/s"
+            ),
+        }
+    }
+
+    pub fn metric(&self) -> Metric {
+        match self {
+            Workload::Bulk { .. } => Metric::Throughput,
+            Workload::Rr { .. } => Metric::Latency,
+            Workload::ConnRate { .. } => Metric::SessionRate,
+        }
+    }
+
+    fn target(&self) -> TargetKind {
+        match self {
+            Workload::Bulk { dir: Dir::Up, .. } => TargetKind::Sink,
+            Workload::Bulk { dir: Dir::Down, .. } => TargetKind::Source,
+            Workload::Rr { .. } => TargetKind::Echo,
+            Workload::ConnRate { .. } => TargetKind::EchoAsync,
+        }
+    }
+}
+
+/// Measured values of one run; the window is between the two snapshots.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSample {
+    pub window_s: f64,
+    /// Payload bytes received in the window (bulk: at the receiving end; rr and conn-rate:
+    /// requests plus responses).
+    pub bytes: u64,
+    /// Requests (rr) or sessions (conn-rate) completed in the window.
+    pub ops: u64,
+    pub gbit_s: Option<f64>,
+    pub ops_per_s: Option<f64>,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// User + system CPU seconds of the server's processes in the window.
+    pub daemon_cpu_s: Option<f64>,
+    /// Busy CPU seconds of the whole machine in the window.
+    pub machine_cpu_s: f64,
+    /// Peak RSS of the server's processes during the run (sum of VmHWM), KiB.
+    pub daemon_peak_rss_kib: Option<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Bulk streams that received nothing during the window.
+    pub stalled_streams: usize,
+    /// Target connections still open [`DRAIN_TIMEOUT`] after the clients closed.
+    pub lingering_target_conns: usize,
+}
+
+impl RunSample {
+    /// The workload's main figure.
+    pub fn figure(&self, m: Metric) -> Option<f64> {
+        match m {
+            Metric::Throughput => self.gbit_s,
+            Metric::Latency => self.p50_us,
+            Metric::SessionRate => self.ops_per_s,
+        }
+    }
+
+    /// CPU seconds converted to the workload's CPU unit (per GiB or per operation).
+    pub fn cpu_per_unit(&self, m: Metric, cpu_s: f64) -> Option<f64> {
+        match m {
+            Metric::Throughput => (self.bytes > 0).then(|| cpu_s / (self.bytes as f64 / (1u64 << 30) as f64)),
+            Metric::Latency | Metric::SessionRate => (self.ops > 0).then(|| cpu_s / self.ops as f64 * 1e6),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub warmup: Duration,
+    pub window: Duration,
+}
+
+const PHASE_WARMUP: u8 = 0;
+const PHASE_MEASURE: u8 = 1;
+const PHASE_STOP: u8 = 2;
+
+/// State shared between the harness and the clients of one run.
+struct Shared {
+    phase: AtomicU8,
+    ready: AtomicUsize,
+    setup_failed: AtomicUsize,
+    ops: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    latencies_ns: Mutex<Vec<u64>>,
+    /// Client-side receive counters (bulk-down).
+    meter: Meter,
+}
+
+impl Shared {
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::Relaxed)
+    }
+
+    fn stopping(&self) -> bool {
+        self.phase() == PHASE_STOP
+    }
+
+    /// Counts an error that happened before the clients were told to stop.
+    fn error(&self, e: impl std::fmt::Display) {
+        if self.stopping() {
+            return;
+        }
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().expect("error lock");
+        if first.is_none() {
+            *first = Some(format!("{e:#}"));
+        }
+    }
+
+    fn setup_error(&self, e: impl std::fmt::Display) {
+        self.error(e);
+        self.setup_failed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs one workload once against one subject.
+pub fn run_once(w: Workload, subject: &Subject, set: &Settings, rt: &tokio::runtime::Runtime) -> Result<RunSample> {
+    let target = Target::start(w.target(), rt.handle())?;
+    let shared = Arc::new(Shared {
+        phase: AtomicU8::new(PHASE_WARMUP),
+        ready: AtomicUsize::new(0),
+        setup_failed: AtomicUsize::new(0),
+        ops: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+        latencies_ns: Mutex::new(Vec::new()),
+        meter: Meter::default(),
+    });
+    let tree = subject.daemon.as_ref().map(|d| &d.tree);
+    if let Some(t) = tree {
+        t.reset_peak_rss();
+    }
+
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let started = start_clients(w, subject.proxy, target.addr, &shared, &done_tx, rt);
+    drop(done_tx);
+    let stop_clients = |shared: &Shared| {
+        shared.phase.store(PHASE_STOP, Ordering::SeqCst);
+        wait_disconnected(&done_rx, STOP_TIMEOUT)
+    };
+    let expected = match started {
+        Ok(n) => n,
+        Err(e) => {
+            stop_clients(&shared);
+            return Err(e.context("start the clients"));
+        }
+    };
+
+    // Setup: every client connected (or failed).
+    let setup_end = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        let ready = shared.ready.load(Ordering::SeqCst);
+        let failed = shared.setup_failed.load(Ordering::SeqCst);
+        if failed > 0 || crate::interrupted() || Instant::now() >= setup_end {
+            stop_clients(&shared);
+            if crate::interrupted() {
+                bail!("interrupted");
+            }
+            let first = shared.first_error.lock().expect("error lock").clone();
+            bail!(
+                "{ready} of {expected} clients connected: {}",
+                first.unwrap_or_else(|| format!("setup took longer than {} s", SETUP_TIMEOUT.as_secs()))
+            );
+        }
+        if ready >= expected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    let meter: &Meter = match w {
+        Workload::Bulk { dir: Dir::Up, .. } => &target.meter,
+        _ => &shared.meter,
+    };
+    let snap = || Snap::take(tree, meter, &shared);
+
+    let interrupted = !sleep_interruptible(set.warmup);
+    let a = snap();
+    shared.phase.store(PHASE_MEASURE, Ordering::SeqCst);
+    let interrupted = interrupted || !sleep_interruptible(set.window);
+    let b = snap();
+    let peak_rss = tree.and_then(|t| t.peak_rss_kib());
+    let clients_stopped = stop_clients(&shared);
+    if interrupted {
+        bail!("interrupted");
+    }
+    let lingering = if target.wait_idle(DRAIN_TIMEOUT) { 0 } else { target.active() };
+    drop(target);
+
+    let window_s = b.t.duration_since(a.t).as_secs_f64();
+    let ops = b.ops - a.ops;
+    let mut s = RunSample {
+        window_s,
+        ops,
+        machine_cpu_s: b.machine_cpu_s - a.machine_cpu_s,
+        daemon_cpu_s: a.daemon_cpu_s.zip(b.daemon_cpu_s).map(|(x, y)| (y - x).max(0.0)),
+        daemon_peak_rss_kib: peak_rss,
+        errors: shared.errors.load(Ordering::SeqCst),
+        first_error: shared.first_error.lock().expect("error lock").clone(),
+        lingering_target_conns: lingering,
+        ..Default::default()
+    };
+    if !clients_stopped {
+        s.errors += 1;
+        s.first_error.get_or_insert_with(|| format!("clients still busy {} s after stop", STOP_TIMEOUT.as_secs()));
+    }
+    match w {
+        Workload::Bulk { streams, .. } => {
+            let per_stream: Vec<u64> =
+                b.bytes.iter().enumerate().map(|(i, &n)| n - a.bytes.get(i).copied().unwrap_or(0)).collect();
+            s.bytes = per_stream.iter().sum();
+            s.stalled_streams = per_stream.iter().filter(|&&n| n == 0).count() + streams.saturating_sub(per_stream.len());
+            s.gbit_s = Some(s.bytes as f64 * 8.0 / window_s / 1e9);
+        }
+        Workload::Rr { size } | Workload::ConnRate { size, .. } => {
+            s.bytes = ops * size as u64 * 2;
+            s.ops_per_s = Some(ops as f64 / window_s);
+            let mut lat = std::mem::take(&mut *shared.latencies_ns.lock().expect("latency lock"));
+            lat.sort_unstable();
+            s.p50_us = percentile(&lat, 50.0).map(|ns| ns as f64 / 1e3);
+            s.p99_us = percentile(&lat, 99.0).map(|ns| ns as f64 / 1e3);
+        }
+    }
+    if s.figure(w.metric()).is_none_or(|f| f == 0.0 || !f.is_finite()) || (ops == 0 && w.metric() != Metric::Throughput) {
+        bail!(
+            "nothing got through in {window_s:.1} s{}",
+            s.first_error.map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+    Ok(s)
+}
+
+struct Snap {
+    t: Instant,
+    bytes: Vec<u64>,
+    ops: u64,
+    daemon_cpu_s: Option<f64>,
+    machine_cpu_s: f64,
+}
+
+impl Snap {
+    fn take(tree: Option<&crate::procfs::ProcTree>, meter: &Meter, shared: &Shared) -> Snap {
+        // The /proc scan for the server's processes is the slow part: do it first, so that the
+        // counters and the clock are read as close together as possible.
+        let daemon_cpu_s = tree.map(|t| t.cpu_seconds());
+        let machine_cpu_s = machine_busy_seconds();
+        let bytes = meter.snapshot();
+        let ops = shared.ops.load(Ordering::SeqCst);
+        Snap { t: Instant::now(), bytes, ops, daemon_cpu_s, machine_cpu_s }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let idx = ((sorted.len() as f64 * p / 100.0).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[idx])
+}
+
+/// Sleeps; false when interrupted by SIGINT/SIGTERM.
+pub fn sleep_interruptible(d: Duration) -> bool {
+    let end = Instant::now() + d;
+    loop {
+        if crate::interrupted() {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= end {
+            return true;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// Waits until every sender of `rx` is gone; false on timeout.
+fn wait_disconnected(rx: &mpsc::Receiver<()>, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Err(RecvTimeoutError::Disconnected) => return true,
+            Err(RecvTimeoutError::Timeout) => return false,
+            Ok(()) => {}
+        }
+    }
+}
+
+/// Starts the clients of `w`; returns how many must report ready. Each client holds a clone
+/// of `done` until it has finished.
+fn start_clients(
+    w: Workload,
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+    shared: &Arc<Shared>,
+    done: &Sender<()>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<usize> {
+    match w {
+        Workload::Bulk { dir, streams } => {
+            for i in 0..streams {
+                let (shared, done) = (shared.clone(), done.clone());
+                // Down: register the counter before connecting, so it exists at the first snapshot.
+                let counter = (dir == Dir::Down).then(|| shared.meter.add_stream());
+                std::thread::Builder::new().name(format!("bulk-{i}")).spawn(move || {
+                    let _done = done;
+                    bulk_stream(dir, proxy, target, &shared, counter.as_deref());
+                })?;
+            }
+            Ok(streams)
+        }
+        Workload::Rr { size } => {
+            let (shared, done) = (shared.clone(), done.clone());
+            std::thread::Builder::new().name("rr".into()).spawn(move || {
+                let _done = done;
+                rr_client(proxy, target, size, &shared);
+            })?;
+            Ok(1)
+        }
+        Workload::ConnRate { clients, size } => {
+            for i in 0..clients {
+                let (shared, done) = (shared.clone(), done.clone());
+                rt.spawn(async move {
+                    let _done = done;
+                    conn_rate_client(i, proxy, target, size, &shared).await;
+                });
+            }
+            Ok(clients)
+        }
+    }
+}
+
+fn retryable(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
+}
+
+fn bulk_stream(
+    dir: Dir,
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+    shared: &Shared,
+    counter: Option<&AtomicU64>,
+) {
+    let mut s = match socks::connect(proxy, target, CONNECT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return shared.setup_error(e),
+    };
+    if let Err(e) = s.set_read_timeout(Some(POLL)).and_then(|()| s.set_write_timeout(Some(POLL))) {
+        return shared.setup_error(e);
+    }
+    shared.ready.fetch_add(1, Ordering::SeqCst);
+    match dir {
+        Dir::Up => {
+            let buf = pattern(BULK_BUF);
+            while !shared.stopping() {
+                match s.write(&buf) {
+                    Ok(0) => {
+                        shared.error("write returned 0");
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if retryable(&e) => {}
+                    Err(e) => {
+                        shared.error(format!("write: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        Dir::Down => {
+            let counter = counter.expect("bulk-down counter");
+            let mut buf = vec![0u8; BULK_BUF];
+            while !shared.stopping() {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        shared.error("connection closed by the server side");
+                        break;
+                    }
+                    Ok(n) => {
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if retryable(&e) => {}
+                    Err(e) => {
+                        shared.error(format!("read: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+fn rr_client(proxy: Option<SocketAddr>, target: SocketAddrV4, size: usize, shared: &Shared) {
+    let mut s = match socks::connect(proxy, target, CONNECT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return shared.setup_error(e),
+    };
+    if let Err(e) = s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))) {
+        return shared.setup_error(e);
+    }
+    shared.ready.fetch_add(1, Ordering::SeqCst);
+    let mut req = pattern(size);
+    let mut resp = vec![0u8; size];
+    let mut lat = Vec::with_capacity(1 << 20);
+    let mut seq: u64 = 0;
+    while !shared.stopping() {
+        seq += 1;
+        let n = size.min(8);
+        req[..n].copy_from_slice(&seq.to_le_bytes()[..n]);
+        let t = Instant::now();
+        let r = s.write_all(&req).and_then(|()| s.read_exact(&mut resp));
+        let dt = t.elapsed();
+        if let Err(e) = r {
+            shared.error(format!("request {seq}: {e}"));
+            break;
+        }
+        if resp != req {
+            shared.error(format!("request {seq}: echo differs from the request"));
+            break;
+        }
+        shared.ops.fetch_add(1, Ordering::Relaxed);
+        if shared.phase() == PHASE_MEASURE {
+            lat.push(dt.as_nanos() as u64);
+        }
+    }
+    shared.latencies_ns.lock().expect("latency lock").extend(lat);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+async fn conn_rate_client(id: usize, proxy: Option<SocketAddr>, target: SocketAddrV4, size: usize, shared: &Shared) {
+    shared.ready.fetch_add(1, Ordering::SeqCst);
+    let mut req = pattern(size);
+    let n = size.min(8);
+    req[..n].copy_from_slice(&(id as u64).to_le_bytes()[..n]);
+    let mut lat = Vec::new();
+    while !shared.stopping() {
+        let t = Instant::now();
+        match tokio::time::timeout(SESSION_TIMEOUT, short_session(proxy, target, &req)).await {
+            Ok(Ok(())) => {
+                shared.ops.fetch_add(1, Ordering::Relaxed);
+                if shared.phase() == PHASE_MEASURE {
+                    lat.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            Ok(Err(e)) => {
+                shared.error(e);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => shared.error(anyhow!("session not done within {} s", SESSION_TIMEOUT.as_secs())),
+        }
+    }
+    shared.latencies_ns.lock().expect("latency lock").extend(lat);
+}
+
+async fn short_session(proxy: Option<SocketAddr>, target: SocketAddrV4, req: &[u8]) -> Result<()> {
+    let mut s = socks::connect_async(proxy, target).await?;
+    s.write_all(req).await?;
+    let mut resp = vec![0u8; req.len()];
+    s.read_exact(&mut resp).await.map_err(|e| anyhow!("read response: {e}"))?;
+    if resp != req {
+        bail!("echo differs from the request");
+    }
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! Starts and stops an `ebsocks` daemon per test.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::stats::Stats;
+
+/// Bound for the daemon to write its address file.
+pub const READY_LIMIT: Duration = Duration::from_secs(20);
+/// Bound for the daemon to exit after SIGTERM.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(10);
+/// Bound for one `ebsocks stats` run.
+pub const STATS_LIMIT: Duration = Duration::from_secs(10);
+
+/// Where the daemon binary is: `EBSOCKS_BIN`, else the workspace's release
+/// build, else its debug build (the debug path is returned when neither
+/// exists, for the skip message).
+pub fn daemon_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("EBSOCKS_BIN") {
+        return PathBuf::from(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let release = target.join("release/ebsocks");
+    if release.is_file() {
+        return release;
+    }
+    target.join("debug/ebsocks")
+}
+
+/// `data_path` of the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPath {
+    Auto,
+    Sockmap,
+    Splice,
+    Copy,
+}
+
+impl DataPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Sockmap => "sockmap",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+
+    /// Feature name for [`crate::require_privileged`].
+    pub fn feature(self) -> String {
+        format!("data path {}", self.as_str())
+    }
+}
+
+impl fmt::Display for DataPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How to start a daemon.
+#[derive(Clone, Debug)]
+pub struct DaemonOpts {
+    pub data_path: DataPath,
+    /// `listen` of the config; port 0 lets the kernel choose.
+    pub listen: Vec<String>,
+    /// Appended after the top-level keys, e.g. "[timeouts]\nnegotiation = \"1s\"".
+    pub extra_toml: String,
+}
+
+impl Default for DaemonOpts {
+    fn default() -> Self {
+        Self {
+            data_path: DataPath::Auto,
+            listen: vec!["127.0.0.1:0".into()],
+            extra_toml: String::new(),
+        }
+    }
+}
+
+impl DaemonOpts {
+    pub fn path(data_path: DataPath) -> Self {
+        Self {
+            data_path,
+            ..Self::default()
+        }
+    }
+}
+
+/// A running daemon; dropping it stops it (SIGTERM, then SIGKILL after
+/// [`EXIT_LIMIT`]) and removes pins it left. [`Daemon::stop`] is the checked
+/// way to end a test.
+pub struct Daemon {
+    child: Option<Child>,
+    addrs: Vec<SocketAddr>,
+    pin_dir: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn toml_str(s: &str) -> String {
+    // A JSON string literal is a valid TOML basic string.
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+impl Daemon {
+    /// Writes a config, spawns `ebsocks run --config F --addr-file F2` and
+    /// waits (at most [`READY_LIMIT`]) for the address file.
+    pub fn start(opts: DaemonOpts) -> Self {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/ebsocks-test-{}-{n}",
+            std::process::id()
+        ));
+        if pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&pin_dir);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ebsocks-test-")
+            .tempdir()
+            .expect("temp dir");
+        let config = dir.path().join("ebsocks.toml");
+        let addr_file = dir.path().join("addrs");
+        let listen: Vec<String> = opts.listen.iter().map(|a| toml_str(a)).collect();
+        let text = format!(
+            "listen = [{}]\ndata_path = {}\npin_dir = {}\nallow_clients = [\"127.0.0.0/8\", \"::1/128\"]\n{}\n",
+            listen.join(", "),
+            toml_str(opts.data_path.as_str()),
+            toml_str(&pin_dir.to_string_lossy()),
+            opts.extra_toml,
+        );
+        std::fs::write(&config, &text).expect("write config");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
+        let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log");
+        let bin = daemon_binary();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            // Plain logs in the captured stderr.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        // SAFETY: prctl is async-signal-safe. The daemon gets SIGTERM if the
+        // spawning thread dies, so a killed test run leaves no daemon behind.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut d = Self {
+            child: Some(child),
+            addrs: Vec::new(),
+            pin_dir,
+            dir,
+        };
+        d.addrs = d.wait_ready(&addr_file, &text);
+        d
+    }
+
+    fn wait_ready(&mut self, addr_file: &Path, config: &str) -> Vec<SocketAddr> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(addr_file) {
+                let addrs: Vec<SocketAddr> = text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| {
+                        l.trim()
+                            .parse()
+                            .unwrap_or_else(|e| panic!("address file line {l:?}: {e}"))
+                    })
+                    .collect();
+                assert!(!addrs.is_empty(), "address file is empty");
+                return addrs;
+            }
+            let child = self.child.as_mut().expect("child");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "daemon exited with {status} before writing its address file\nconfig:\n{config}\nstderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            if t0.elapsed() > READY_LIMIT {
+                panic!(
+                    "daemon did not write its address file within {READY_LIMIT:?}\nconfig:\n{config}\nstderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The first listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Every listening address, in address-file order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon stopped").id()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Runs `ebsocks stats --json --pin-dir DIR` and parses its output.
+    pub fn stats_json(&self) -> serde_json::Value {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let out_path = self.dir.path().join(format!("stats-{n}.json"));
+        let err_path = self.dir.path().join(format!("stats-{n}.err"));
+        let out = std::fs::File::create(&out_path).expect("stats output file");
+        let err = std::fs::File::create(&err_path).expect("stats error file");
+        let mut child = Command::new(daemon_binary())
+            .args(["stats", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn ebsocks stats");
+        let status = wait_bounded(&mut child, STATS_LIMIT);
+        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&out_path);
+        let _ = std::fs::remove_file(&err_path);
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => panic!(
+                "`ebsocks stats --json` exited with {s}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            ),
+            None => panic!("`ebsocks stats --json` did not finish within {STATS_LIMIT:?}"),
+        }
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("`ebsocks stats --json` printed invalid JSON ({e}):\n{stdout}")
+        })
+    }
+
+    /// [`Self::stats_json`] wrapped in typed accessors.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            json: self.stats_json(),
+        }
+    }
+
+    /// Sends SIGTERM and checks a clean shutdown: exit status 0 within
+    /// [`EXIT_LIMIT`] and the pin directory removed.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let status = terminate(&mut child);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "daemon exited with {status} after SIGTERM, expected status 0\nstderr:\n{}",
+            self.stderr_log()
+        );
+        assert!(
+            !self.pin_dir.exists(),
+            "clean shutdown left the pin directory {} behind: {:?}\nstderr:\n{}",
+            self.pin_dir.display(),
+            std::fs::read_dir(&self.pin_dir)
+                .map(|d| d
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name())
+                    .collect::<Vec<_>>())
+                .unwrap_or_default(),
+            self.stderr_log()
+        );
+    }
+}
+
+/// Polls `child` for at most `limit`, then kills it.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let status = wait_bounded_no_kill(child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
+}
+
+/// SIGTERM, wait [`EXIT_LIMIT`], then SIGKILL. A SIGKILL shows as a status
+/// without exit code.
+fn terminate(child: &mut Child) -> ExitStatus {
+    if let Some(s) = child.try_wait().expect("try_wait") {
+        return s;
+    }
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: `pid` is our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    if let Some(s) = wait_bounded_no_kill(child, EXIT_LIMIT) {
+        return s;
+    }
+    let _ = child.kill();
+    child.wait().expect("wait after SIGKILL")
+}
+
+fn wait_bounded_no_kill(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let t0 = Instant::now();
+    while t0.elapsed() <= limit {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.stderr_log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "---- ebsocks stderr (last {} lines) ----\n{}\n----",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            let status = terminate(&mut child);
+            if !std::thread::panicking() && status.code() != Some(0) {
+                eprintln!("ebsocks exited with {status} when the test dropped it");
+            }
+        }
+        if self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
