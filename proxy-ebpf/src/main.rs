@@ -9,129 +9,14 @@
 //! A stream verdict program without a stream parser needs Linux 5.13; `bpf_get_socket_cookie`
 //! in sk_skb programs needs 5.x with BTF. The daemon probes both at start-up and falls back to
 //! splice(2) when the kernel refuses the program.
-#![no_std]
-#![no_main]
-#![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_XADD from Rust")]
+// Built for the host (a plain `cargo build --workspace`), this crate is an empty program; the
+// real one only exists for target_arch = "bpf".
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_XADD from Rust"))]
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
-use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
-    macros::{map, stream_verdict},
-    maps::{Array, HashMap, PerCpuArray, SockHash},
-    programs::SkBuffContext,
-};
-use proxy_common::{
-    metrics::{
-        DataPath, SessionTraffic, Traffic, TrafficSlot, BPF_F_MMAPABLE, COUNTERS_MAX,
-        SESSIONS_MAX_ENTRIES, TRAFFIC_SLOTS_MAX,
-    },
-    sockmap::SOCKHASH_MAX_ENTRIES,
-};
-
-// Map names must equal the constants in proxy_common (the attribute needs a literal).
-
-/// `cookie(socket) -> peer socket`, the redirect targets; see `proxy_common::sockmap::PAIRS`.
-#[map(name = "EBSOCKS_PAIRS")]
-static PAIRS: SockHash<u64> = SockHash::with_max_entries(SOCKHASH_MAX_ENTRIES, 0);
-
-/// `cookie(socket) -> socket`: membership runs this program on the socket; see
-/// `proxy_common::sockmap::ACTIVE`. The program never reads it.
-#[map(name = "EBSOCKS_ACTIVE")]
-static ACTIVE: SockHash<u64> = SockHash::with_max_entries(SOCKHASH_MAX_ENTRIES, 0);
-
-/// Per-socket counters; entries are created and removed by the daemon.
-#[map(name = "EBSOCKS_SESSIONS")]
-static SESSIONS: HashMap<u64, SessionTraffic> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
-
-/// Bytes and skbs per traffic slot, per CPU.
-#[map(name = "EBSOCKS_KTRAFFIC")]
-static KTRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(TRAFFIC_SLOTS_MAX, 0);
-
-/// Written by the daemon only (splice/copy bytes) through a shared mapping
-/// (`BPF_F_MMAPABLE`); declared here so that one object defines every map `ebsocks stats` reads.
-#[map(name = "EBSOCKS_UTRAFFIC")]
-static UTRAFFIC: Array<Traffic> = Array::with_max_entries(TRAFFIC_SLOTS_MAX, BPF_F_MMAPABLE);
-
-/// Daemon event counters; written by the daemon only, through a shared mapping.
-#[map(name = "EBSOCKS_COUNTERS")]
-static COUNTERS: Array<u64> = Array::with_max_entries(COUNTERS_MAX, BPF_F_MMAPABLE);
-
-#[stream_verdict]
-pub fn ebsocks_verdict(ctx: SkBuffContext) -> u32 {
-    // Keep the daemon-only maps referenced so that the linker keeps them in the object.
-    let _ = (&UTRAFFIC, &COUNTERS, &ACTIVE);
-    match try_verdict(&ctx) {
-        Ok(action) | Err(action) => action,
-    }
-}
-
-#[inline(always)]
-fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
-    let len = ctx.len();
-    // A bare FIN reaches the verdict as an empty skb. Redirecting it makes the peer's backlog
-    // worker read skb_send_sock() == 0 as EPIPE and stop sending for good, so drop it; the daemon
-    // forwards the FIN itself once the redirected bytes have drained.
-    if len == 0 {
-        return Err(SK_DROP);
-    }
-    // SAFETY: the context pointer is the program's own __sk_buff.
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let session = SESSIONS.get_ptr_mut(&cookie);
-
-    let action = PAIRS.redirect_skb(ctx, &mut cookie, 0);
-    if action != i64::from(SK_PASS) {
-        return Err(SK_DROP);
-    }
-
-    if let Some(session) = session {
-        // SAFETY: `session` points into a map value that stays valid for this program run; the
-        // counters are only ever modified with atomic adds.
-        let dir = unsafe {
-            add(&raw mut (*session).bytes, u64::from(len));
-            add(&raw mut (*session).packets, 1);
-            (*session).direction
-        };
-        let slot = TrafficSlot::tcp(DataPath::Sockmap, dir_from(dir));
-        if let Some(t) = KTRAFFIC.get_ptr_mut(slot.0) {
-            // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
-            unsafe {
-                (*t).bytes += u64::from(len);
-                (*t).packets += 1;
-            }
-        }
-    }
-    Ok(SK_PASS)
-}
-
-#[inline(always)]
-fn dir_from(raw: u32) -> proxy_common::metrics::Direction {
-    if raw == 0 {
-        proxy_common::metrics::Direction::Up
-    } else {
-        proxy_common::metrics::Direction::Down
-    }
-}
-
-/// Atomic add whose result is unused, so that it compiles to BPF_XADD (valid on every kernel).
-///
-/// # Safety
-/// `p` must point to a valid, 8-byte aligned u64 in a map value.
-#[inline(always)]
-unsafe fn add(p: *mut u64, v: u64) {
-    // SAFETY: guaranteed by the caller. The returned old value is discarded, so LLVM emits the
-    // plain BPF_XADD that every kernel accepts (fetching variants need Linux 5.12).
-    let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+#[cfg(target_arch = "bpf")]
+mod programs;
