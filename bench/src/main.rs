@@ -92,7 +92,10 @@ fn install_signal_handlers() {
 }
 
 fn split_list(s: &str) -> Vec<String> {
-    s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty() && x != "none").collect()
+    s.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty() && x != "none")
+        .collect()
 }
 
 fn parse_workloads(s: &str) -> Result<Vec<Workload>> {
@@ -222,16 +225,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     for s in &subjects {
         match (&s.info.unavailable_reason, &s.info.listen) {
-            (Some(r), _) => eprintln!("  {}: unavailable: {}", s.name, r.lines().next().unwrap_or_default()),
+            (Some(r), _) => eprintln!(
+                "  {}: unavailable: {}",
+                s.name,
+                r.lines().next().unwrap_or_default()
+            ),
             (None, Some(l)) => eprintln!("  {}: listening on {l}", s.name),
             (None, None) => eprintln!("  {}: ready", s.name),
         }
     }
 
     let background_before = background_busy_cpus();
-    eprintln!("background load before the runs: {background_before:.2} of {} CPUs busy", machine.cores);
+    eprintln!(
+        "background load before the runs: {background_before:.2} of {} CPUs busy",
+        machine.cores
+    );
 
-    let set = Settings { warmup: Duration::from_secs_f64(warmup), window: Duration::from_secs_f64(cli.seconds) };
+    let set = Settings {
+        warmup: Duration::from_secs_f64(warmup),
+        window: Duration::from_secs_f64(cli.seconds),
+    };
     let n_avail = subjects.iter().filter(|s| s.available()).count();
     let total_runs = n_avail * workloads.len() * cli.repeat;
     eprintln!(
@@ -240,12 +253,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         cli.repeat,
         cli.seconds,
         warmup,
-        total_runs as f64 * (cli.seconds + warmup + 0.15)
+        total_runs as f64 * (cli.seconds + warmup + 0.15) + 5.0
     );
 
     // outcomes[subject][workload] = one entry per run.
-    let mut outcomes: Vec<Vec<Vec<Result<RunSample, String>>>> =
-        subjects.iter().map(|_| workloads.iter().map(|_| Vec::new()).collect()).collect();
+    let mut outcomes: Vec<Vec<Vec<Result<RunSample, String>>>> = subjects
+        .iter()
+        .map(|_| workloads.iter().map(|_| Vec::new()).collect())
+        .collect();
     let mut done = 0;
     'outer: for (wi, w) in workloads.iter().enumerate() {
         for r in 0..cli.repeat {
@@ -269,18 +284,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(x) => {
                         let m = w.metric();
                         let fig = x.figure(m).unwrap_or(f64::NAN);
-                        let extra = if x.errors > 0 { format!(" ({} errors)", x.errors) } else { String::new() };
+                        let extra = if x.errors > 0 {
+                            format!(" ({} errors)", x.errors)
+                        } else {
+                            String::new()
+                        };
                         format!("{fig:.2} {}{extra}", m.unit())
                     }
                     Err(e) => format!("failed: {e:#}"),
                 };
-                eprintln!("[{done}/{total_runs}] {} #{} {}: {line}", w.name(), r + 1, s.name);
+                eprintln!(
+                    "[{done}/{total_runs}] {} #{} {}: {line}",
+                    w.name(),
+                    r + 1,
+                    s.name
+                );
                 outcomes[si][wi].push(res.map_err(|e| format!("{e:#}")));
                 if let Some(why) = s.check_alive() {
                     eprintln!("{}: {}", s.name, why);
                 }
                 // Let the previous run's connections and softirq work settle.
-                workloads::sleep_interruptible(Duration::from_millis(50));
+                workloads::sleep_interruptible(Duration::from_millis(20));
             }
         }
     }
@@ -306,7 +330,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     // Keep the logs of any server that was started and then failed.
-    let any_failure = subjects.iter().any(|s| s.info.unavailable_reason.is_some() && s.info.log.is_some());
+    let any_failure = subjects
+        .iter()
+        .any(|s| s.info.unavailable_reason.is_some() && s.info.log.is_some());
     let keep = cli.keep_logs || any_failure;
     let mut infos: Vec<_> = subjects.iter().map(|s| s.info.clone()).collect();
     if !keep {
@@ -352,5 +378,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&workdir);
     }
     rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(if was_interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    Ok(if was_interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

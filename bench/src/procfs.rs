@@ -38,11 +38,16 @@ impl Machine {
                 (k.trim() == "model name").then(|| v.trim().to_string())
             })
             .unwrap_or_else(|| "unknown CPU".to_string());
-        let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+        let cores = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count();
         let cores = if cores > 0 {
             cores
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         };
         let mem_total_mib = fs::read_to_string("/proc/meminfo")
             .ok()
@@ -54,7 +59,14 @@ impl Machine {
             })
             .map(|kib| kib / 1024)
             .unwrap_or(0);
-        Machine { kernel, arch, hostname, cpu_model, cores, mem_total_mib }
+        Machine {
+            kernel,
+            arch,
+            hostname,
+            cpu_model,
+            cores,
+            mem_total_mib,
+        }
     }
 
     pub fn one_line(&self) -> String {
@@ -77,7 +89,11 @@ fn uname() -> (String, String, String) {
         return ("unknown".into(), "unknown".into(), "unknown".into());
     }
     fn field(f: &[libc::c_char]) -> String {
-        let bytes: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
     (field(&u.release), field(&u.machine), field(&u.nodename))
@@ -91,7 +107,11 @@ pub fn machine_busy_seconds() -> f64 {
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return 0.0;
     };
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let get = |i: usize| v.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal guest guest_nice
     let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
@@ -115,7 +135,11 @@ fn read_pid_stat(pid: i32) -> Option<PidStat> {
     // f[19] = starttime (22).
     let num = |i: usize| f.get(i).and_then(|x| x.parse::<i64>().ok()).unwrap_or(0);
     let cpu = num(11) + num(12) + num(13) + num(14);
-    Some(PidStat { ppid: num(1) as i32, starttime: num(19) as u64, cpu_ticks: cpu.max(0) as u64 })
+    Some(PidStat {
+        ppid: num(1) as i32,
+        starttime: num(19) as u64,
+        cpu_ticks: cpu.max(0) as u64,
+    })
 }
 
 /// A process (identified by pid and start time, so that a reused pid is never mistaken for it)
@@ -126,7 +150,6 @@ pub struct ProcTree {
     root_start: u64,
 }
 
-
 impl ProcTree {
     pub fn new(root: i32) -> ProcTree {
         let root_start = read_pid_stat(root).map(|s| s.starttime).unwrap_or(0);
@@ -135,7 +158,9 @@ impl ProcTree {
 
     /// The live members of the tree (root first) with their /proc stat.
     fn members(&self) -> Vec<(i32, PidStat)> {
-        let Some(root) = read_pid_stat(self.root) else { return Vec::new() };
+        let Some(root) = read_pid_stat(self.root) else {
+            return Vec::new();
+        };
         if root.starttime != self.root_start {
             return Vec::new();
         }
@@ -165,7 +190,10 @@ impl ProcTree {
 
     /// Live process ids of the tree with their start times.
     pub fn pids(&self) -> Vec<(i32, u64)> {
-        self.members().into_iter().map(|(p, s)| (p, s.starttime)).collect()
+        self.members()
+            .into_iter()
+            .map(|(p, s)| (p, s.starttime))
+            .collect()
     }
 
     /// CPU seconds (user + system, including reaped children) summed over the tree.

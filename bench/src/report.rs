@@ -24,8 +24,16 @@ impl Stat {
         }
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Some(Stat { median, min: v[0], max: v[n - 1] })
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
     }
 }
 
@@ -61,24 +69,50 @@ pub struct Cell {
 impl Cell {
     pub fn new(subject: &str, w: Workload, outcomes: &[Result<RunSample, String>]) -> Cell {
         let m = w.metric();
-        let runs: Vec<RunSample> = outcomes.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
-        let failed_runs: Vec<String> = outcomes.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        let runs: Vec<RunSample> = outcomes
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let failed_runs: Vec<String> = outcomes
+            .iter()
+            .filter_map(|r| r.as_ref().err().cloned())
+            .collect();
         let errors = runs.iter().map(|r| r.errors).sum();
         let mut notes = Vec::new();
         if errors > 0 {
-            let first = runs.iter().find_map(|r| r.first_error.clone()).unwrap_or_default();
+            let first = runs
+                .iter()
+                .find_map(|r| r.first_error.clone())
+                .unwrap_or_default();
             notes.push(format!("{errors} error(s), first: {first}"));
         }
         let stalled: usize = runs.iter().map(|r| r.stalled_streams).sum();
         if stalled > 0 {
-            notes.push(format!("{stalled} stalled stream-run(s) (no byte received in a window)"));
+            notes.push(format!(
+                "{stalled} stalled stream-run(s) (no byte received in a window)"
+            ));
         }
-        let lingering = runs.iter().map(|r| r.lingering_target_conns).max().unwrap_or(0);
+        let lingering = runs.iter().filter(|r| r.lingering_target_conns > 0).count();
+        let close_lag = Stat::of(runs.iter().filter_map(|r| r.target_close_ms));
         if lingering > 0 {
-            notes.push(format!("up to {lingering} target connection(s) still open 2 s after the clients closed"));
+            notes.push(format!(
+                "in {lingering} of {} run(s) the target still had connections open {} s after the clients closed",
+                runs.len(),
+                crate::workloads::DRAIN_TIMEOUT.as_secs_f64()
+            ));
+        } else if let Some(lag) = close_lag.filter(|l| l.median >= 100.0) {
+            notes.push(format!(
+                "the target saw the close {:.0} ms after the clients (median)",
+                lag.median
+            ));
         }
         if !failed_runs.is_empty() {
-            notes.push(format!("{} of {} run(s) failed: {}", failed_runs.len(), outcomes.len(), failed_runs[0]));
+            notes.push(format!(
+                "{} of {} run(s) failed: {}",
+                failed_runs.len(),
+                outcomes.len(),
+                failed_runs[0]
+            ));
         }
         Cell {
             subject: subject.into(),
@@ -92,8 +126,14 @@ impl Cell {
             p99_us: Stat::of(runs.iter().filter_map(|r| r.p99_us)),
             ops_per_s: Stat::of(runs.iter().filter_map(|r| r.ops_per_s)),
             cpu_unit: m.cpu_unit(),
-            daemon_cpu: Stat::of(runs.iter().filter_map(|r| r.daemon_cpu_s.and_then(|c| r.cpu_per_unit(m, c)))),
-            machine_cpu: Stat::of(runs.iter().filter_map(|r| r.cpu_per_unit(m, r.machine_cpu_s))),
+            daemon_cpu: Stat::of(
+                runs.iter()
+                    .filter_map(|r| r.daemon_cpu_s.and_then(|c| r.cpu_per_unit(m, c))),
+            ),
+            machine_cpu: Stat::of(
+                runs.iter()
+                    .filter_map(|r| r.cpu_per_unit(m, r.machine_cpu_s)),
+            ),
             daemon_peak_rss_kib: runs.iter().filter_map(|r| r.daemon_peak_rss_kib).max(),
             errors,
             runs,
@@ -141,7 +181,10 @@ impl Report {
             .filter_map(|c| c.figure.map(|f| (c.workload.clone(), f.median)))
             .collect();
         for c in &mut self.results {
-            let base = direct.iter().find(|(w, _)| *w == c.workload).map(|(_, f)| *f);
+            let base = direct
+                .iter()
+                .find(|(w, _)| *w == c.workload)
+                .map(|(_, f)| *f);
             c.ratio_to_direct = match (c.figure, base) {
                 (Some(f), Some(b)) if b > 0.0 => Some(f.median / b),
                 _ => None,
@@ -150,7 +193,9 @@ impl Report {
     }
 
     fn cell(&self, subject: &str, workload: &str) -> Option<&Cell> {
-        self.results.iter().find(|c| c.subject == subject && c.workload == workload)
+        self.results
+            .iter()
+            .find(|c| c.subject == subject && c.workload == workload)
     }
 
     pub fn markdown(&self, workloads: &[Workload]) -> String {
@@ -183,8 +228,11 @@ impl Report {
             let _ = writeln!(o, "Note: {n}\n");
         }
 
-        let measured: Vec<&SubjectInfo> =
-            self.subjects.iter().filter(|si| self.results.iter().any(|c| c.subject == si.name)).collect();
+        let measured: Vec<&SubjectInfo> = self
+            .subjects
+            .iter()
+            .filter(|si| self.results.iter().any(|c| c.subject == si.name))
+            .collect();
 
         // Summary: direct in absolute figures, everyone else as a ratio.
         let _ = writeln!(o, "## Summary\n");
@@ -204,12 +252,23 @@ impl Report {
             let mut row = format!("| {} |", si.name);
             for w in workloads {
                 let text = match self.cell(&si.name, &w.name()) {
-                    Some(c) if si.name == "direct" => {
-                        c.figure.map(|f| format!("{} {}", fmt_fig(w.metric(), f.median), short_unit(w.metric()))).unwrap_or("failed".into())
-                    }
+                    Some(c) if si.name == "direct" => c
+                        .figure
+                        .map(|f| {
+                            format!(
+                                "{} {}",
+                                fmt_fig(w.metric(), f.median),
+                                short_unit(w.metric())
+                            )
+                        })
+                        .unwrap_or("failed".into()),
                     Some(c) => match (c.ratio_to_direct, c.figure) {
                         (Some(r), _) => format!("{r:.2}×"),
-                        (None, Some(f)) => format!("{} {}", fmt_fig(w.metric(), f.median), short_unit(w.metric())),
+                        (None, Some(f)) => format!(
+                            "{} {}",
+                            fmt_fig(w.metric(), f.median),
+                            short_unit(w.metric())
+                        ),
                         (None, None) => "failed".into(),
                     },
                     None => "–".into(),
@@ -248,15 +307,31 @@ impl Report {
                 }
             }
             for si in &measured {
-                let Some(c) = self.cell(&si.name, &w.name()) else { continue };
-                let fig = |st: Option<Stat>| st.map(|f| fmt_fig(m, f.median)).unwrap_or("failed".into());
-                let range = |st: Option<Stat>| {
-                    st.map(|f| format!("{}–{}", fmt_fig(m, f.min), fmt_fig(m, f.max))).unwrap_or_default()
+                let Some(c) = self.cell(&si.name, &w.name()) else {
+                    continue;
                 };
-                let ratio = c.ratio_to_direct.map(|r| format!("{r:.2}")).unwrap_or("–".into());
-                let cpu = |st: Option<Stat>| st.map(|x| fmt_cpu(m, x.median)).unwrap_or("n/a".into());
-                let rss = c.daemon_peak_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or("n/a".into());
-                let notes = c.notes.iter().map(|n| one_line(n, 160)).collect::<Vec<_>>().join("; ");
+                let fig =
+                    |st: Option<Stat>| st.map(|f| fmt_fig(m, f.median)).unwrap_or("failed".into());
+                let range = |st: Option<Stat>| {
+                    st.map(|f| format!("{}–{}", fmt_fig(m, f.min), fmt_fig(m, f.max)))
+                        .unwrap_or_default()
+                };
+                let ratio = c
+                    .ratio_to_direct
+                    .map(|r| format!("{r:.2}"))
+                    .unwrap_or("–".into());
+                let cpu =
+                    |st: Option<Stat>| st.map(|x| fmt_cpu(m, x.median)).unwrap_or("n/a".into());
+                let rss = c
+                    .daemon_peak_rss_kib
+                    .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                    .unwrap_or("n/a".into());
+                let notes = c
+                    .notes
+                    .iter()
+                    .map(|n| one_line(n, 160))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 let row = match m {
                     Metric::Throughput => format!(
                         "| {} | {} | {} | {ratio} | {} | {} | {rss} | {notes} |",
@@ -271,8 +346,12 @@ impl Report {
                         c.subject,
                         fig(c.figure),
                         range(c.figure),
-                        c.p99_us.map(|p| format!("{:.1}", p.median)).unwrap_or_default(),
-                        c.ops_per_s.map(|p| format!("{:.0}", p.median)).unwrap_or_default(),
+                        c.p99_us
+                            .map(|p| format!("{:.1}", p.median))
+                            .unwrap_or_default(),
+                        c.ops_per_s
+                            .map(|p| format!("{:.0}", p.median))
+                            .unwrap_or_default(),
                         cpu(c.daemon_cpu),
                         cpu(c.machine_cpu)
                     ),
@@ -282,7 +361,8 @@ impl Report {
                         fig(c.figure),
                         range(c.figure),
                         match (c.p50_us, c.p99_us) {
-                            (Some(a), Some(b)) => format!("{:.2} / {:.2}", a.median / 1e3, b.median / 1e3),
+                            (Some(a), Some(b)) =>
+                                format!("{:.2} / {:.2}", a.median / 1e3, b.median / 1e3),
                             _ => String::new(),
                         },
                         cpu(c.daemon_cpu),
@@ -302,7 +382,10 @@ impl Report {
                     None => "measured".to_string(),
                 }
             } else {
-                format!("unavailable: {}", one_line(si.unavailable_reason.as_deref().unwrap_or("?"), 400))
+                format!(
+                    "unavailable: {}",
+                    one_line(si.unavailable_reason.as_deref().unwrap_or("?"), 400)
+                )
             };
             let _ = write!(o, "- **{}**: {status}", si.name);
             if let Some(v) = &si.version {
@@ -351,7 +434,11 @@ fn fmt_num(v: f64) -> String {
 
 /// Markdown-safe single line, cut at `max` characters.
 fn one_line(s: &str, max: usize) -> String {
-    let flat = s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|");
+    let flat = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|");
     if flat.chars().count() > max {
         let cut: String = flat.chars().take(max).collect();
         format!("{cut}…")

@@ -56,7 +56,11 @@ fn check_reply_head(head: [u8; 4]) -> Result<Option<usize>> {
 /// Opens a TCP connection to `target`, through the SOCKS5 server `proxy` when given.
 /// Every step is bounded by `timeout`; the returned stream has TCP_NODELAY set and no
 /// read/write timeout.
-pub fn connect(proxy: Option<SocketAddr>, target: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+pub fn connect(
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpStream> {
     let first_hop = proxy.unwrap_or(SocketAddr::V4(target));
     let mut s = TcpStream::connect_timeout(&first_hop, timeout)
         .with_context(|| format!("connect to {first_hop}"))?;
@@ -93,7 +97,10 @@ fn handshake(s: &mut TcpStream, target: SocketAddrV4) -> Result<()> {
 }
 
 /// Tokio flavour of [`connect`]; the caller bounds the whole call with a timeout.
-pub async fn connect_async(proxy: Option<SocketAddr>, target: SocketAddrV4) -> Result<tokio::net::TcpStream> {
+pub async fn connect_async(
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+) -> Result<tokio::net::TcpStream> {
     let first_hop = proxy.unwrap_or(SocketAddr::V4(target));
     let mut s = tokio::net::TcpStream::connect(first_hop)
         .await
@@ -102,11 +109,15 @@ pub async fn connect_async(proxy: Option<SocketAddr>, target: SocketAddrV4) -> R
     if proxy.is_some() {
         s.write_all(&GREETING).await?;
         let mut m = [0u8; 2];
-        s.read_exact(&mut m).await.context("read SOCKS5 method reply")?;
+        s.read_exact(&mut m)
+            .await
+            .context("read SOCKS5 method reply")?;
         check_method(m)?;
         s.write_all(&connect_request(target)).await?;
         let mut head = [0u8; 4];
-        s.read_exact(&mut head).await.context("read SOCKS5 CONNECT reply")?;
+        s.read_exact(&mut head)
+            .await
+            .context("read SOCKS5 CONNECT reply")?;
         let rest = match check_reply_head(head)? {
             Some(n) => n,
             None => {

@@ -4,8 +4,8 @@
 
 use std::fs::{self, File};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,11 @@ impl Subject {
             name: "direct".into(),
             proxy: None,
             daemon: None,
-            info: SubjectInfo { name: "direct".into(), available: true, ..Default::default() },
+            info: SubjectInfo {
+                name: "direct".into(),
+                available: true,
+                ..Default::default()
+            },
         }
     }
 
@@ -113,9 +117,16 @@ impl Daemon {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
         let tree = ProcTree::new(child.id() as i32);
-        Ok(Daemon { child, tree, log, exited: None })
+        Ok(Daemon {
+            child,
+            tree,
+            log,
+            exited: None,
+        })
     }
 
     fn log_tail(&self) -> String {
@@ -136,7 +147,11 @@ impl Daemon {
         }
         match self.child.try_wait() {
             Ok(Some(st)) => {
-                let why = format!("{} unexpectedly; last output:\n{}", describe(st), self.log_tail());
+                let why = format!(
+                    "{} unexpectedly; last output:\n{}",
+                    describe(st),
+                    self.log_tail()
+                );
                 self.exited = Some(why.clone());
                 Some(why)
             }
@@ -145,7 +160,10 @@ impl Daemon {
     }
 
     /// Polls `ready` until it yields an address, the process exits, or the deadline passes.
-    fn wait_ready(&mut self, mut ready: impl FnMut() -> Option<SocketAddr>) -> Result<SocketAddr, String> {
+    fn wait_ready(
+        &mut self,
+        mut ready: impl FnMut() -> Option<SocketAddr>,
+    ) -> Result<SocketAddr, String> {
         let end = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(why) = self.exited_early() {
@@ -182,7 +200,10 @@ impl Daemon {
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
-                    break format!("did not exit within {} s of SIGTERM, killed", STOP_TIMEOUT.as_secs());
+                    break format!(
+                        "did not exit within {} s of SIGTERM, killed",
+                        STOP_TIMEOUT.as_secs()
+                    );
                 }
             }
         };
@@ -202,7 +223,9 @@ impl Daemon {
             }
         }
         if leftover > 0 {
-            status.push_str(&format!("; {leftover} child process(es) left behind, killed"));
+            status.push_str(&format!(
+                "; {leftover} child process(es) left behind, killed"
+            ));
         }
         self.exited = Some(status.clone());
         status
@@ -255,7 +278,13 @@ fn package_version(pkg: &str) -> Option<String> {
     (out.status.success() && !v.is_empty()).then(|| format!("{pkg} {v}"))
 }
 
-fn finish(name: &str, mut d: Daemon, cmd: String, version: Option<String>, ready: Result<SocketAddr, String>) -> Subject {
+fn finish(
+    name: &str,
+    mut d: Daemon,
+    cmd: String,
+    version: Option<String>,
+    ready: Result<SocketAddr, String>,
+) -> Subject {
     let log = Some(d.log.display().to_string());
     match ready {
         Ok(addr) => Subject {
@@ -296,11 +325,24 @@ pub fn ensure_bpffs() -> Result<Option<String>, String> {
         return Ok(None);
     }
     // SAFETY: mount(2) with valid C strings and no data.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), dir.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            dir.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
-        Ok(Some("mounted a BPF filesystem at /sys/fs/bpf (ebsocks pins its maps there)".into()))
+        Ok(Some(
+            "mounted a BPF filesystem at /sys/fs/bpf (ebsocks pins its maps there)".into(),
+        ))
     } else {
-        Err(format!("/sys/fs/bpf is not a BPF filesystem and mounting one failed: {}", std::io::Error::last_os_error()))
+        Err(format!(
+            "/sys/fs/bpf is not a BPF filesystem and mounting one failed: {}",
+            std::io::Error::last_os_error()
+        ))
     }
 }
 
@@ -316,7 +358,10 @@ pub struct EbsocksSpec<'a> {
 pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
     let name = format!("ebsocks-{}", spec.data_path);
     if !spec.binary.is_file() {
-        return Subject::unavailable(&name, format!("binary not found: {}", spec.binary.display()));
+        return Subject::unavailable(
+            &name,
+            format!("binary not found: {}", spec.binary.display()),
+        );
     }
     let addr_file = spec.workdir.join(format!("{name}.addr"));
     let _ = fs::remove_file(&addr_file);
@@ -332,7 +377,12 @@ pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
         "--addr-file",
         addr_file.to_str().unwrap_or_default(),
     ];
-    let cmd_line = format!("RUST_LOG={} {} {}", spec.log_level, spec.binary.display(), args.join(" "));
+    let cmd_line = format!(
+        "RUST_LOG={} {} {}",
+        spec.log_level,
+        spec.binary.display(),
+        args.join(" ")
+    );
     let mut cmd = Command::new(spec.binary);
     cmd.args(args).env("RUST_LOG", spec.log_level);
     let mut d = match Daemon::spawn(cmd, spec.workdir.join(format!("{name}.log"))) {
@@ -342,7 +392,10 @@ pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
     let ready = d.wait_ready(|| {
         let text = fs::read_to_string(&addr_file).ok()?;
         let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-        addrs.iter().copied().find(|a| a.is_ipv4() && a.ip().is_loopback())
+        addrs
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() && a.ip().is_loopback())
     });
     let mut s = finish(&name, d, cmd_line, None, ready);
     if s.available() && Path::new(&pin_dir).exists() {

@@ -33,7 +33,12 @@ impl Meter {
     }
 
     pub fn snapshot(&self) -> Vec<u64> {
-        self.streams.lock().expect("meter lock").iter().map(|c| c.load(Ordering::Relaxed)).collect()
+        self.streams
+            .lock()
+            .expect("meter lock")
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -74,12 +79,16 @@ impl Drop for ActiveGuard {
 }
 
 fn retryable(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
 }
 
 impl Target {
     pub fn start(kind: TargetKind, rt: &tokio::runtime::Handle) -> Result<Target> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind loopback target")?;
+        let listener =
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind loopback target")?;
         let addr = match listener.local_addr()? {
             std::net::SocketAddr::V4(a) => a,
             other => anyhow::bail!("unexpected target address {other}"),
@@ -87,7 +96,14 @@ impl Target {
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(AtomicUsize::new(0));
         let meter = Arc::new(Meter::default());
-        let mut t = Target { addr, meter, stop, active, accept_thread: None, accept_task: None };
+        let mut t = Target {
+            addr,
+            meter,
+            stop,
+            active,
+            accept_thread: None,
+            accept_task: None,
+        };
         if kind == TargetKind::EchoAsync {
             let _enter = rt.enter();
             listener.set_nonblocking(true)?;
@@ -133,7 +149,8 @@ impl Target {
 }
 
 impl Drop for Target {
-    /// Stops accepting; open connections end within [`POLL`].
+    /// Stops accepting and closes the open connections (at once while data flows, within
+    /// [`POLL`] otherwise), so that nothing a server still queues disturbs the next run.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(task) = self.accept_task.take() {
@@ -144,6 +161,7 @@ impl Drop for Target {
             let _ = TcpStream::connect_timeout(&self.addr.into(), Duration::from_secs(1));
             let _ = th.join();
         }
+        self.wait_idle(POLL * 2);
     }
 }
 
@@ -166,15 +184,17 @@ fn accept_loop(
         let guard = ActiveGuard::new(&active);
         let stop = stop.clone();
         let counter = (kind == TargetKind::Sink).then(|| meter.add_stream());
-        let spawned = std::thread::Builder::new().name("target-conn".into()).spawn(move || {
-            let _guard = guard;
-            let _ = s.set_nodelay(true);
-            match kind {
-                TargetKind::Sink => sink(s, &stop, &counter.expect("sink counter")),
-                TargetKind::Source => source(s, &stop),
-                _ => echo(s, &stop),
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("target-conn".into())
+            .spawn(move || {
+                let _guard = guard;
+                let _ = s.set_nodelay(true);
+                match kind {
+                    TargetKind::Sink => sink(s, &stop, &counter.expect("sink counter")),
+                    TargetKind::Source => source(s, &stop),
+                    _ => echo(s, &stop),
+                }
+            });
         if spawned.is_err() {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -189,6 +209,9 @@ fn sink(mut s: TcpStream, stop: &AtomicBool, counter: &AtomicU64) {
             Ok(0) => return,
             Ok(n) => {
                 counter.fetch_add(n as u64, Ordering::Relaxed);
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
             }
             Err(e) if retryable(&e) => {
                 if stop.load(Ordering::Relaxed) {
@@ -221,7 +244,7 @@ fn echo(mut s: TcpStream, stop: &AtomicBool) {
         match s.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
+                if s.write_all(&buf[..n]).is_err() || stop.load(Ordering::Relaxed) {
                     return;
                 }
             }
@@ -242,7 +265,10 @@ async fn echo_async(mut s: tokio::net::TcpStream, stop: Arc<AtomicBool>, _guard:
         match tokio::time::timeout(POLL, s.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => {
-                if !matches!(tokio::time::timeout(POLL * 4, s.write_all(&buf[..n])).await, Ok(Ok(()))) {
+                if !matches!(
+                    tokio::time::timeout(POLL * 4, s.write_all(&buf[..n])).await,
+                    Ok(Ok(()))
+                ) {
                     return;
                 }
             }
@@ -257,5 +283,7 @@ async fn echo_async(mut s: tokio::net::TcpStream, stop: Arc<AtomicBool>, _guard:
 
 /// A non-constant byte pattern (so that nothing along the path can shortcut zero pages).
 pub fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
 }

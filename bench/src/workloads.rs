@@ -34,7 +34,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long clients may take to stop after the window.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the target's connections may stay open after the clients closed theirs.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often blocked clients look at the phase.
 const POLL: Duration = Duration::from_millis(250);
 /// Request and response size of the rr and conn-rate workloads.
@@ -96,19 +96,40 @@ impl Metric {
 impl Workload {
     pub fn all() -> Vec<Workload> {
         vec![
-            Workload::Bulk { dir: Dir::Up, streams: 1 },
-            Workload::Bulk { dir: Dir::Up, streams: 8 },
-            Workload::Bulk { dir: Dir::Down, streams: 1 },
-            Workload::Bulk { dir: Dir::Down, streams: 8 },
+            Workload::Bulk {
+                dir: Dir::Up,
+                streams: 1,
+            },
+            Workload::Bulk {
+                dir: Dir::Up,
+                streams: 8,
+            },
+            Workload::Bulk {
+                dir: Dir::Down,
+                streams: 1,
+            },
+            Workload::Bulk {
+                dir: Dir::Down,
+                streams: 8,
+            },
             Workload::Rr { size: SMALL },
-            Workload::ConnRate { clients: 64, size: SMALL },
+            Workload::ConnRate {
+                clients: 64,
+                size: SMALL,
+            },
         ]
     }
 
     pub fn name(&self) -> String {
         match self {
-            Workload::Bulk { dir: Dir::Up, streams } => format!("bulk-up-{streams}"),
-            Workload::Bulk { dir: Dir::Down, streams } => format!("bulk-down-{streams}"),
+            Workload::Bulk {
+                dir: Dir::Up,
+                streams,
+            } => format!("bulk-up-{streams}"),
+            Workload::Bulk {
+                dir: Dir::Down,
+                streams,
+            } => format!("bulk-down-{streams}"),
             Workload::Rr { .. } => "rr".into(),
             Workload::ConnRate { .. } => "conn-rate".into(),
         }
@@ -177,6 +198,9 @@ pub struct RunSample {
     pub stalled_streams: usize,
     /// Target connections still open [`DRAIN_TIMEOUT`] after the clients closed.
     pub lingering_target_conns: usize,
+    /// Time from the clients having closed to the last target connection closing (None when
+    /// some were still open after [`DRAIN_TIMEOUT`]).
+    pub target_close_ms: Option<f64>,
 }
 
 impl RunSample {
@@ -192,8 +216,12 @@ impl RunSample {
     /// CPU seconds converted to the workload's CPU unit (per GiB or per operation).
     pub fn cpu_per_unit(&self, m: Metric, cpu_s: f64) -> Option<f64> {
         match m {
-            Metric::Throughput => (self.bytes > 0).then(|| cpu_s / (self.bytes as f64 / (1u64 << 30) as f64)),
-            Metric::Latency | Metric::SessionRate => (self.ops > 0).then(|| cpu_s / self.ops as f64 * 1e6),
+            Metric::Throughput => {
+                (self.bytes > 0).then(|| cpu_s / (self.bytes as f64 / (1u64 << 30) as f64))
+            }
+            Metric::Latency | Metric::SessionRate => {
+                (self.ops > 0).then(|| cpu_s / self.ops as f64 * 1e6)
+            }
         }
     }
 }
@@ -249,7 +277,12 @@ impl Shared {
 }
 
 /// Runs one workload once against one subject.
-pub fn run_once(w: Workload, subject: &Subject, set: &Settings, rt: &tokio::runtime::Runtime) -> Result<RunSample> {
+pub fn run_once(
+    w: Workload,
+    subject: &Subject,
+    set: &Settings,
+    rt: &tokio::runtime::Runtime,
+) -> Result<RunSample> {
     let target = Target::start(w.target(), rt.handle())?;
     let shared = Arc::new(Shared {
         phase: AtomicU8::new(PHASE_WARMUP),
@@ -294,7 +327,10 @@ pub fn run_once(w: Workload, subject: &Subject, set: &Settings, rt: &tokio::runt
             let first = shared.first_error.lock().expect("error lock").clone();
             bail!(
                 "{ready} of {expected} clients connected: {}",
-                first.unwrap_or_else(|| format!("setup took longer than {} s", SETUP_TIMEOUT.as_secs()))
+                first.unwrap_or_else(|| format!(
+                    "setup took longer than {} s",
+                    SETUP_TIMEOUT.as_secs()
+                ))
             );
         }
         if ready >= expected {
@@ -319,7 +355,12 @@ pub fn run_once(w: Workload, subject: &Subject, set: &Settings, rt: &tokio::runt
     if interrupted {
         bail!("interrupted");
     }
-    let lingering = if target.wait_idle(DRAIN_TIMEOUT) { 0 } else { target.active() };
+    let closing = Instant::now();
+    let (lingering, close_ms) = if target.wait_idle(DRAIN_TIMEOUT) {
+        (0, Some(closing.elapsed().as_secs_f64() * 1e3))
+    } else {
+        (target.active(), None)
+    };
     drop(target);
 
     let window_s = b.t.duration_since(a.t).as_secs_f64();
@@ -328,23 +369,34 @@ pub fn run_once(w: Workload, subject: &Subject, set: &Settings, rt: &tokio::runt
         window_s,
         ops,
         machine_cpu_s: b.machine_cpu_s - a.machine_cpu_s,
-        daemon_cpu_s: a.daemon_cpu_s.zip(b.daemon_cpu_s).map(|(x, y)| (y - x).max(0.0)),
+        daemon_cpu_s: a
+            .daemon_cpu_s
+            .zip(b.daemon_cpu_s)
+            .map(|(x, y)| (y - x).max(0.0)),
         daemon_peak_rss_kib: peak_rss,
         errors: shared.errors.load(Ordering::SeqCst),
         first_error: shared.first_error.lock().expect("error lock").clone(),
         lingering_target_conns: lingering,
+        target_close_ms: close_ms,
         ..Default::default()
     };
     if !clients_stopped {
         s.errors += 1;
-        s.first_error.get_or_insert_with(|| format!("clients still busy {} s after stop", STOP_TIMEOUT.as_secs()));
+        s.first_error.get_or_insert_with(|| {
+            format!("clients still busy {} s after stop", STOP_TIMEOUT.as_secs())
+        });
     }
     match w {
         Workload::Bulk { streams, .. } => {
-            let per_stream: Vec<u64> =
-                b.bytes.iter().enumerate().map(|(i, &n)| n - a.bytes.get(i).copied().unwrap_or(0)).collect();
+            let per_stream: Vec<u64> = b
+                .bytes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| n - a.bytes.get(i).copied().unwrap_or(0))
+                .collect();
             s.bytes = per_stream.iter().sum();
-            s.stalled_streams = per_stream.iter().filter(|&&n| n == 0).count() + streams.saturating_sub(per_stream.len());
+            s.stalled_streams = per_stream.iter().filter(|&&n| n == 0).count()
+                + streams.saturating_sub(per_stream.len());
             s.gbit_s = Some(s.bytes as f64 * 8.0 / window_s / 1e9);
         }
         Workload::Rr { size } | Workload::ConnRate { size, .. } => {
@@ -356,7 +408,10 @@ pub fn run_once(w: Workload, subject: &Subject, set: &Settings, rt: &tokio::runt
             s.p99_us = percentile(&lat, 99.0).map(|ns| ns as f64 / 1e3);
         }
     }
-    if s.figure(w.metric()).is_none_or(|f| f == 0.0 || !f.is_finite()) || (ops == 0 && w.metric() != Metric::Throughput) {
+    if s.figure(w.metric())
+        .is_none_or(|f| f == 0.0 || !f.is_finite())
+        || (ops == 0 && w.metric() != Metric::Throughput)
+    {
         bail!(
             "nothing got through in {window_s:.1} s{}",
             s.first_error.map(|e| format!(": {e}")).unwrap_or_default()
@@ -381,7 +436,13 @@ impl Snap {
         let machine_cpu_s = machine_busy_seconds();
         let bytes = meter.snapshot();
         let ops = shared.ops.load(Ordering::SeqCst);
-        Snap { t: Instant::now(), bytes, ops, daemon_cpu_s, machine_cpu_s }
+        Snap {
+            t: Instant::now(),
+            bytes,
+            ops,
+            daemon_cpu_s,
+            machine_cpu_s,
+        }
     }
 }
 
@@ -437,19 +498,23 @@ fn start_clients(
                 let (shared, done) = (shared.clone(), done.clone());
                 // Down: register the counter before connecting, so it exists at the first snapshot.
                 let counter = (dir == Dir::Down).then(|| shared.meter.add_stream());
-                std::thread::Builder::new().name(format!("bulk-{i}")).spawn(move || {
-                    let _done = done;
-                    bulk_stream(dir, proxy, target, &shared, counter.as_deref());
-                })?;
+                std::thread::Builder::new()
+                    .name(format!("bulk-{i}"))
+                    .spawn(move || {
+                        let _done = done;
+                        bulk_stream(dir, proxy, target, &shared, counter.as_deref());
+                    })?;
             }
             Ok(streams)
         }
         Workload::Rr { size } => {
             let (shared, done) = (shared.clone(), done.clone());
-            std::thread::Builder::new().name("rr".into()).spawn(move || {
-                let _done = done;
-                rr_client(proxy, target, size, &shared);
-            })?;
+            std::thread::Builder::new()
+                .name("rr".into())
+                .spawn(move || {
+                    let _done = done;
+                    rr_client(proxy, target, size, &shared);
+                })?;
             Ok(1)
         }
         Workload::ConnRate { clients, size } => {
@@ -466,7 +531,10 @@ fn start_clients(
 }
 
 fn retryable(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
 }
 
 fn bulk_stream(
@@ -480,7 +548,10 @@ fn bulk_stream(
         Ok(s) => s,
         Err(e) => return shared.setup_error(e),
     };
-    if let Err(e) = s.set_read_timeout(Some(POLL)).and_then(|()| s.set_write_timeout(Some(POLL))) {
+    if let Err(e) = s
+        .set_read_timeout(Some(POLL))
+        .and_then(|()| s.set_write_timeout(Some(POLL)))
+    {
         return shared.setup_error(e);
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
@@ -531,7 +602,10 @@ fn rr_client(proxy: Option<SocketAddr>, target: SocketAddrV4, size: usize, share
         Ok(s) => s,
         Err(e) => return shared.setup_error(e),
     };
-    if let Err(e) = s.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT))) {
+    if let Err(e) = s
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+    {
         return shared.setup_error(e);
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
@@ -559,11 +633,21 @@ fn rr_client(proxy: Option<SocketAddr>, target: SocketAddrV4, size: usize, share
             lat.push(dt.as_nanos() as u64);
         }
     }
-    shared.latencies_ns.lock().expect("latency lock").extend(lat);
+    shared
+        .latencies_ns
+        .lock()
+        .expect("latency lock")
+        .extend(lat);
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
-async fn conn_rate_client(id: usize, proxy: Option<SocketAddr>, target: SocketAddrV4, size: usize, shared: &Shared) {
+async fn conn_rate_client(
+    id: usize,
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+    size: usize,
+    shared: &Shared,
+) {
     shared.ready.fetch_add(1, Ordering::SeqCst);
     let mut req = pattern(size);
     let n = size.min(8);
@@ -582,17 +666,26 @@ async fn conn_rate_client(id: usize, proxy: Option<SocketAddr>, target: SocketAd
                 shared.error(e);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(_) => shared.error(anyhow!("session not done within {} s", SESSION_TIMEOUT.as_secs())),
+            Err(_) => shared.error(anyhow!(
+                "session not done within {} s",
+                SESSION_TIMEOUT.as_secs()
+            )),
         }
     }
-    shared.latencies_ns.lock().expect("latency lock").extend(lat);
+    shared
+        .latencies_ns
+        .lock()
+        .expect("latency lock")
+        .extend(lat);
 }
 
 async fn short_session(proxy: Option<SocketAddr>, target: SocketAddrV4, req: &[u8]) -> Result<()> {
     let mut s = socks::connect_async(proxy, target).await?;
     s.write_all(req).await?;
     let mut resp = vec![0u8; req.len()];
-    s.read_exact(&mut resp).await.map_err(|e| anyhow!("read response: {e}"))?;
+    s.read_exact(&mut resp)
+        .await
+        .map_err(|e| anyhow!("read response: {e}"))?;
     if resp != req {
         bail!("echo differs from the request");
     }

@@ -9,9 +9,10 @@
 //!
 //! [`hash_password`] uses Argon2id, version 0x13, m = 19 MiB (19,456 KiB), t = 2, p = 1: the
 //! first of OWASP's equivalent Argon2id settings, and the `argon2` crate's default. One
-//! verification costs about 13–20 ms in a release build on the 2-core reference machine
-//! (33 ms while the machine was also compiling), and allocates 19 MiB. At most one verification
-//! per CPU runs at a time, so a flood of logins costs queueing time, not memory.
+//! verification took 22–23 ms (minimum and median of 30, release build) on the 2-core reference
+//! machine while it was also compiling, and allocates 19 MiB. At most one verification per CPU
+//! runs at a time, so a flood of logins costs queueing time, not memory. (Unoptimised test
+//! builds are about ten times slower, so the unit tests hash at the minimum cost.)
 //!
 //! Everything here is synchronous and CPU-bound: the daemon calls [`UserDb::verify`] from
 //! `tokio::task::spawn_blocking`.
@@ -125,7 +126,10 @@ impl UserDb {
     /// allowed, hashes made by [`hash_password`] (any Argon2 variant is accepted). Plain-text
     /// passwords, other schemes, duplicate users and excessive cost parameters are refused with
     /// an error naming `origin` and the line.
-    #[expect(clippy::should_implement_trait, reason = "takes an origin for error messages, unlike FromStr")]
+    ///
+    /// # Panics
+    ///
+    /// If the OS random number generator fails (it keys the success cache).
     pub fn from_str(text: &str, origin: &str) -> Result<Self, AuthError> {
         let mut users: HashMap<Box<[u8]>, PasswordHash> = HashMap::new();
         let mut first: Option<PasswordHash> = None;

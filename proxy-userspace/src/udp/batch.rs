@@ -86,7 +86,7 @@ pub fn bind_relay(local: IpAddr) -> io::Result<(UdpSocket, bool)> {
     let len = write_sockaddr(bind_to, v6, &mut storage);
     // SAFETY: `storage` holds a sockaddr of `len` bytes.
     cvt(unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) })?;
-    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+    Ok((UdpSocket::from_std(std::net::UdpSocket::from(fd))?, v6))
 }
 
 /// Writes `addr` into `out` in the form a socket of the relay's family takes: an IPv4 address
@@ -143,13 +143,61 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> 
     }
 }
 
-/// Receive side: [`BATCH`] slots of [`SLOT`] bytes, allocated once per association.
-///
-/// The 2 MiB of slots come from a zeroed allocation, which the allocator takes straight from
-/// fresh pages: only the pages that datagrams actually fill become resident, so an association
-/// that never sees large datagrams costs little real memory.
+/// Anonymous memory for the receive slots, mapped directly rather than taken from the
+/// allocator: its pages become resident only when a datagram is written into them, whatever
+/// the allocator's thresholds, so an association that never sees large datagrams holds a few
+/// pages of its 2 MiB rather than all of it.
+struct SlotMemory {
+    ptr: ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain bytes owned by this value alone; `&self` only reads them.
+unsafe impl Send for SlotMemory {}
+// SAFETY: as above.
+unsafe impl Sync for SlotMemory {}
+
+impl SlotMemory {
+    fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` mapped, initialised (zero-filled) bytes that live as long as `self`;
+        // writes need `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for SlotMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped; no borrow outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Receive side: [`BATCH`] slots of [`SLOT`] bytes, mapped once per association.
 pub struct RecvBatch {
-    bufs: Vec<u8>,
+    bufs: SlotMemory,
     names: Vec<libc::sockaddr_storage>,
     name_lens: [libc::socklen_t; BATCH],
     lens: [usize; BATCH],
@@ -157,15 +205,15 @@ pub struct RecvBatch {
 }
 
 impl RecvBatch {
-    /// Empty slots.
-    pub fn new() -> Self {
-        Self {
-            bufs: vec![0; BATCH * SLOT],
+    /// Empty slots. Fails only if the slots cannot be mapped.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            bufs: SlotMemory::new(BATCH * SLOT)?,
             names: vec![zeroed_storage(); BATCH],
             name_lens: [0; BATCH],
             lens: [0; BATCH],
             truncated: [false; BATCH],
-        }
+        })
     }
 
     /// One recvmmsg(2) on the non-blocking `fd`: fills slots `0..n` and returns `n` (at least
@@ -175,7 +223,7 @@ impl RecvBatch {
         // SAFETY: all-zero is a valid iovec and mmsghdr (null pointers, zero lengths).
         let mut iovs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
         for (i, iov) in iovs.iter_mut().enumerate() {
-            // SAFETY: slot `i` lies within `bufs`, which is BATCH * SLOT bytes long.
+            // SAFETY: slot `i` lies within the BATCH * SLOT bytes of `bufs`.
             iov.iov_base = unsafe { base.add(i * SLOT) }.cast();
             iov.iov_len = SLOT;
         }
@@ -217,7 +265,7 @@ impl RecvBatch {
 
     /// The bytes of datagram `i`.
     pub fn data(&self, i: usize) -> &[u8] {
-        &self.bufs[i * SLOT..i * SLOT + self.lens[i]]
+        &self.bufs.as_slice()[i * SLOT..i * SLOT + self.lens[i]]
     }
 
     /// Datagram `i` from byte `from` to its end, as a range into [`RecvBatch::bufs`], for
@@ -230,7 +278,7 @@ impl RecvBatch {
 
     /// All slots, which [`SendBatch`] payload ranges index into.
     pub fn bufs(&self) -> &[u8] {
-        &self.bufs
+        self.bufs.as_slice()
     }
 }
 
@@ -372,7 +420,7 @@ mod tests {
         assert_eq!(b.header_lens[0], MAX_REPLY_HEADER);
         let (decoded, used) = UdpHeader::decode(&b.headers[0]).unwrap();
         assert_eq!((decoded, used), (h, MAX_REPLY_HEADER));
-        let long = UdpHeader { frag: 0, address: proxy_socks5::Address::Domain("example.com".into(), 1) };
+        let long = UdpHeader { frag: 0, address: proxy_socks5::Address::Domain("a-name-longer-than-an-ipv6-address.example".into(), 1) };
         assert!(!b.push("127.0.0.1:1".parse().unwrap(), false, Some(&long), 0..0, Direction::Down));
         for _ in 1..BATCH {
             assert!(b.push("127.0.0.1:1".parse().unwrap(), false, None, 0..0, Direction::Up));

@@ -107,8 +107,8 @@ pub const END_ERROR: &str = "error";
 /// # Errors
 ///
 /// Only before relaying starts: reading the control connection's addresses, binding the relay
-/// socket (nothing was written to `control`; the caller should send a failure reply), or writing
-/// the reply. Once relaying, a socket failure ends the association with [`END_ERROR`] in an
+/// socket or mapping its buffers (nothing was written to `control`; the caller should send a
+/// failure reply), or writing the reply. Once relaying, a socket failure ends the association with [`END_ERROR`] in an
 /// `Ok` outcome, so the counts are not lost.
 ///
 /// Dropping the future ends the association at once (for daemon shutdown): the socket closes,
@@ -118,6 +118,7 @@ pub async fn associate(control: &mut TcpStream, requested: &Address, policy: &Ud
     let peer_ip = control.peer_addr()?.ip().to_canonical();
     let (sock, v6) = batch::bind_relay(local_ip)?;
     let relay_addr = SocketAddr::new(local_ip, sock.local_addr()?.port());
+    let rx = RecvBatch::new()?;
 
     let mut reply = Vec::with_capacity(32);
     Response { reply: Reply::Succeeded, address: Address::Ip(relay_addr) }.encode(&mut reply);
@@ -131,7 +132,7 @@ pub async fn associate(control: &mut TcpStream, requested: &Address, policy: &Ud
         client: Client::new(peer_ip, requested),
         targets: Targets::default(),
         resolver: Resolver::default(),
-        rx: RecvBatch::new(),
+        rx,
         tx: SendBatch::new(),
         totals: Totals::default(),
         last_active: Instant::now(),
