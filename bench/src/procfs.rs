@@ -122,6 +122,8 @@ pub fn machine_busy_seconds() -> f64 {
 struct PidStat {
     ppid: i32,
     starttime: u64,
+    /// Zombie or dead: exited, waiting to be reaped.
+    dead: bool,
     /// utime + stime + cutime + cstime, in clock ticks.
     cpu_ticks: u64,
 }
@@ -138,6 +140,7 @@ fn read_pid_stat(pid: i32) -> Option<PidStat> {
     Some(PidStat {
         ppid: num(1) as i32,
         starttime: num(19) as u64,
+        dead: matches!(f.first(), Some(&"Z") | Some(&"X")),
         cpu_ticks: cpu.max(0) as u64,
     })
 }
@@ -232,9 +235,9 @@ impl ProcTree {
     }
 }
 
-/// True when `pid` still exists and was started at `starttime`.
+/// True when `pid` still runs (exists and is not a zombie) and was started at `starttime`.
 pub fn same_process(pid: i32, starttime: u64) -> bool {
-    read_pid_stat(pid).is_some_and(|s| s.starttime == starttime)
+    read_pid_stat(pid).is_some_and(|s| s.starttime == starttime && !s.dead)
 }
 
 /// Calendar date and time (UTC) of the current moment, "YYYY-MM-DD HH:MM:SS UTC".

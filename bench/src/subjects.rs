@@ -192,6 +192,14 @@ impl Daemon {
         let pid = self.child.id() as i32;
         // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
+        // Forking servers: their children get SIGTERM too, as from a terminal's Ctrl-C.
+        for &(p, start) in members.iter().filter(|(p, _)| *p != pid) {
+            if same_process(p, start) {
+                // SAFETY: kill(2) on a process of this server's tree, identified by pid and
+                // start time.
+                unsafe { libc::kill(p, libc::SIGTERM) };
+            }
+        }
         let end = Instant::now() + STOP_TIMEOUT;
         let mut status = loop {
             match self.child.try_wait() {

@@ -142,7 +142,8 @@ impl AuthMethod {
         }
     }
 
-    fn parse(s: &str) -> Result<Self, String> {
+    /// Parses the config spelling (`none`, `username`).
+    pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "none" => Ok(Self::None),
             "username" => Ok(Self::Username),

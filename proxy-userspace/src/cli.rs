@@ -27,6 +27,9 @@ pub enum Command {
     },
     /// Print the counters of a running daemon (reads its pinned BPF maps).
     Stats(StatsArgs),
+    /// Read a password on standard input and print its hash, for `auth.users_file`
+    /// (`name:HASH` per line).
+    HashPassword,
 }
 
 /// `ebsocks run`.

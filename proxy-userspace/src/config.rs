@@ -2,10 +2,23 @@
 //! validated form whose fields are already parsed (`SocketAddr`, `Duration`, CIDRs). Every error
 //! names the key it is about.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::{
+    acl::{AuthMethod, RawClientRule, RawSocksRule, Rules},
+    auth::UserDb,
+};
 
 /// The configuration used when none is given: loopback only, no authentication, loopback
 /// clients only. It is also the commented example printed in the README.
@@ -24,16 +37,53 @@ data_path = "auto"
 # bpffs directory where the counters are pinned for `ebsocks stats`.
 pin_dir = "/sys/fs/bpf/ebsocks"
 
-# Client addresses allowed to connect (CIDR). Anything else is closed at accept time.
+# Client addresses allowed to connect (CIDR), closed at accept time otherwise. A shorthand for
+# one `pass` client rule per network; use [[client_rule]] tables instead for more control.
 allow_clients = ["127.0.0.0/8", "::1/128"]
+
+[auth]
+# Methods offered, in order of preference: "none" and/or "username" (RFC 1929).
+methods = ["none"]
+# With "username": one `name:hash` line per user; make hashes with `ebsocks hash-password`.
+# users_file = "/etc/ebsocks/users"
+
+[outgoing]
+# Source address for connections to targets (Dante's `external`); default: chosen by routing.
+# ipv4 = "192.0.2.10"
+# ipv6 = "2001:db8::10"
+# interface = "eth1"
+
+[limits]
+# 0 = derived from the open-file limit (two descriptors per session).
+max_sessions = 0
+# Sessions at once from one client address; 0 = no limit.
+max_sessions_per_client = 0
+# Pacing rate per session and direction ("0" = none), e.g. "100mbit"; applied on the sending
+# sockets, so in-kernel spliced sessions stay in the kernel.
+bandwidth = "0"
+# Per-user rates override `bandwidth`: { alice = "10mbit" }
+user_bandwidth = {}
 
 [timeouts]
 # A client must finish the SOCKS negotiation within this time.
 negotiation = "10s"
 # Connecting to the target (all of its addresses together).
 connect = "10s"
+# A session with no payload in either direction for this long is closed.
+idle = "1h"
+# BIND: how long to wait for the target to connect back.
+bind = "2m"
+# UDP ASSOCIATE: an association with no datagram for this long ends.
+udp_idle = "5m"
 # On SIGTERM/SIGINT, relaying sessions get this long to finish.
 drain = "10s"
+
+# Rules, evaluated in order, first match wins, default block (see README). Without any
+# [[socks_rule]], every request from an admitted client passes.
+# [[socks_rule]]
+# name = "no-private"
+# action = "block"
+# to = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
 
 [log]
 level = "info"      # error | warn | info | debug | trace (RUST_LOG overrides)
@@ -85,8 +135,55 @@ pub struct Timeouts {
     pub negotiation: Duration,
     /// Connecting to the target.
     pub connect: Duration,
+    /// A relaying session without payload for this long is closed.
+    pub idle: Duration,
+    /// BIND: waiting for the target's connection.
+    pub bind: Duration,
+    /// UDP ASSOCIATE idle time.
+    pub udp_idle: Duration,
     /// Grace period for relaying sessions at shutdown.
     pub drain: Duration,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    /// Methods offered, in order of preference.
+    pub methods: Vec<AuthMethod>,
+    /// The users file, when configured.
+    pub users_file: Option<PathBuf>,
+    /// The loaded users (hashes), when `users_file` is set.
+    pub users: Option<Arc<UserDb>>,
+}
+
+impl PartialEq for AuthConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.methods == other.methods && self.users_file == other.users_file
+    }
+}
+
+/// Source address selection for outgoing connections (Dante's `external`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Source for IPv4 targets.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Source for IPv6 targets.
+    pub ipv6: Option<Ipv6Addr>,
+    /// Interface to bind outgoing sockets to (SO_BINDTODEVICE).
+    pub interface: Option<String>,
+}
+
+/// Resource limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions at once (0 = from the open-file limit).
+    pub max_sessions: usize,
+    /// Sessions at once per client address (0 = unlimited).
+    pub max_sessions_per_client: usize,
+    /// Pacing rate in bytes per second per session and direction (0 = none).
+    pub bandwidth: u64,
+    /// Per-user pacing rates in bytes per second.
+    pub user_bandwidth: BTreeMap<String, u64>,
 }
 
 /// Logging settings.
@@ -99,7 +196,7 @@ pub struct LogConfig {
 }
 
 /// The validated configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// Listening addresses (at least one).
     pub listen: Vec<SocketAddr>,
@@ -107,12 +204,21 @@ pub struct Config {
     pub data_path: DataPathMode,
     /// bpffs directory for pinned maps.
     pub pin_dir: PathBuf,
-    /// Client networks allowed to connect.
+    /// Client networks allowed to connect (shorthand kept for `to_toml`).
     pub allow_clients: Vec<IpNet>,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Outgoing address selection.
+    pub outgoing: Outgoing,
+    /// Limits.
+    pub limits: Limits,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Logging.
     pub log: LogConfig,
+    /// Client and request rules.
+    pub rules: Arc<Rules>,
+    raw_rules: (Vec<RawClientRule>, Vec<RawSocksRule>),
 }
 
 /// A configuration error. `Display` names the key and the problem.
@@ -151,8 +257,37 @@ struct RawConfig {
     data_path: Option<String>,
     pin_dir: Option<String>,
     allow_clients: Option<Vec<String>>,
+    auth: Option<RawAuth>,
+    outgoing: Option<RawOutgoing>,
+    limits: Option<RawLimits>,
     timeouts: Option<RawTimeouts>,
     log: Option<RawLog>,
+    client_rule: Option<Vec<RawClientRule>>,
+    socks_rule: Option<Vec<RawSocksRule>>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    methods: Option<Vec<String>>,
+    users_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutgoing {
+    ipv4: Option<String>,
+    ipv6: Option<String>,
+    interface: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<usize>,
+    max_sessions_per_client: Option<usize>,
+    bandwidth: Option<String>,
+    user_bandwidth: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -160,6 +295,9 @@ struct RawConfig {
 struct RawTimeouts {
     negotiation: Option<String>,
     connect: Option<String>,
+    idle: Option<String>,
+    bind: Option<String>,
+    udp_idle: Option<String>,
     drain: Option<String>,
 }
 
@@ -184,6 +322,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("{s:?} has no unit (use ms, s, m or h)")),
     };
     Ok(d)
+}
+
+/// Parses a rate such as `"100mbit"`, `"512kbit"`, `"1gbit"` or `"0"` into bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(0);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a rate like \"100mbit\""))?;
+    let bits = match unit {
+        "bit" => n,
+        "kbit" => n.saturating_mul(1_000),
+        "mbit" => n.saturating_mul(1_000_000),
+        "gbit" => n.saturating_mul(1_000_000_000),
+        _ => return Err(format!("{s:?} needs a unit: bit, kbit, mbit or gbit (per second)")),
+    };
+    Ok(bits / 8)
+}
+
+fn format_rate(bytes_per_sec: u64) -> String {
+    if bytes_per_sec == 0 {
+        "0".to_owned()
+    } else {
+        format!("{}bit", bytes_per_sec * 8)
+    }
 }
 
 fn format_duration(d: Duration) -> String {
@@ -223,25 +388,54 @@ impl Config {
         Self::parse(DEFAULT_CONFIG).unwrap_or_else(|e| unreachable!("embedded default config: {e}"))
     }
 
-    /// The effective configuration as TOML, every key present.
+    /// The effective configuration as TOML, every key present, followed by the rule list.
     pub fn to_toml(&self) -> String {
-        let Self { listen, data_path, pin_dir, allow_clients, timeouts, log } = self;
+        let Self { listen, data_path, pin_dir, allow_clients, auth, outgoing, limits, timeouts, log, rules, raw_rules } =
+            self;
+        let (client_rule, socks_rule) = raw_rules.clone();
         let raw = RawConfig {
             listen: Some(listen.iter().map(ToString::to_string).collect()),
             data_path: Some(format!("{data_path:?}").to_lowercase()),
             pin_dir: Some(pin_dir.display().to_string()),
-            allow_clients: Some(allow_clients.iter().map(ToString::to_string).collect()),
+            allow_clients: (client_rule.is_empty()).then(|| allow_clients.iter().map(ToString::to_string).collect()),
+            auth: Some(RawAuth {
+                methods: Some(auth.methods.iter().map(|m| m.as_str().to_owned()).collect()),
+                users_file: auth.users_file.as_ref().map(|p| p.display().to_string()),
+            }),
+            outgoing: Some(RawOutgoing {
+                ipv4: outgoing.ipv4.map(|a| a.to_string()),
+                ipv6: outgoing.ipv6.map(|a| a.to_string()),
+                interface: outgoing.interface.clone(),
+            }),
+            limits: Some(RawLimits {
+                max_sessions: Some(limits.max_sessions),
+                max_sessions_per_client: Some(limits.max_sessions_per_client),
+                bandwidth: Some(format_rate(limits.bandwidth)),
+                user_bandwidth: Some(limits.user_bandwidth.iter().map(|(u, r)| (u.clone(), format_rate(*r))).collect()),
+            }),
             timeouts: Some(RawTimeouts {
                 negotiation: Some(format_duration(timeouts.negotiation)),
                 connect: Some(format_duration(timeouts.connect)),
+                idle: Some(format_duration(timeouts.idle)),
+                bind: Some(format_duration(timeouts.bind)),
+                udp_idle: Some(format_duration(timeouts.udp_idle)),
                 drain: Some(format_duration(timeouts.drain)),
             }),
             log: Some(RawLog {
                 level: Some(log.level.clone()),
                 format: Some(format!("{:?}", log.format).to_lowercase()),
             }),
+            client_rule: (!client_rule.is_empty()).then_some(client_rule),
+            socks_rule: (!socks_rule.is_empty()).then_some(socks_rule),
         };
-        toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+        let mut out = toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"));
+        out.push_str("\n# Effective rules, in evaluation order (first match wins, default block):\n");
+        for line in rules.describe().lines() {
+            out.push_str("#   ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
     }
 }
 
@@ -249,7 +443,19 @@ impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
-        let RawConfig { listen, data_path, pin_dir, allow_clients, timeouts, log } = raw;
+        let RawConfig {
+            listen,
+            data_path,
+            pin_dir,
+            allow_clients,
+            auth,
+            outgoing,
+            limits,
+            timeouts,
+            log,
+            client_rule,
+            socks_rule,
+        } = raw;
 
         let listen = match listen {
             None => vec!["127.0.0.1:1080".parse().expect("literal"), "[::1]:1080".parse().expect("literal")],
@@ -278,6 +484,7 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("pin_dir", "must be an absolute path under a bpffs mount"));
         }
 
+        let allow_clients_given = allow_clients.is_some();
         let allow_clients = match allow_clients {
             None => vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")],
             Some(list) => {
@@ -289,11 +496,70 @@ impl TryFrom<RawConfig> for Config {
             }
         };
 
-        let RawTimeouts { negotiation, connect, drain } = timeouts.unwrap_or_default();
+        let RawTimeouts { negotiation, connect, idle, bind, udp_idle, drain } = timeouts.unwrap_or_default();
         let timeouts = Timeouts {
             negotiation: duration("timeouts.negotiation", negotiation, Duration::from_secs(10))?,
             connect: duration("timeouts.connect", connect, Duration::from_secs(10))?,
+            idle: duration("timeouts.idle", idle, Duration::from_secs(3600))?,
+            bind: duration("timeouts.bind", bind, Duration::from_secs(120))?,
+            udp_idle: duration("timeouts.udp_idle", udp_idle, Duration::from_secs(300))?,
             drain: duration("timeouts.drain", drain, Duration::from_secs(10))?,
+        };
+
+        let RawAuth { methods, users_file } = auth.unwrap_or_default();
+        let methods = match methods {
+            None => vec![AuthMethod::None],
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, m) in list.iter().enumerate() {
+                    let m = AuthMethod::parse(m).map_err(|p| invalid(format!("auth.methods[{i}]"), p))?;
+                    if !out.contains(&m) {
+                        out.push(m);
+                    }
+                }
+                out
+            }
+        };
+        if methods.is_empty() {
+            return Err(invalid("auth.methods", "needs at least one method"));
+        }
+        let users_file = users_file.map(PathBuf::from);
+        let users = match &users_file {
+            Some(path) => Some(Arc::new(UserDb::load(path).map_err(|e| invalid("auth.users_file", e))?)),
+            None => None,
+        };
+        if methods.contains(&AuthMethod::Username) && users.is_none() {
+            return Err(invalid("auth.users_file", "is required when auth.methods includes \"username\""));
+        }
+        let auth = AuthConfig { methods, users_file, users };
+
+        let RawOutgoing { ipv4, ipv6, interface } = outgoing.unwrap_or_default();
+        let outgoing = Outgoing {
+            ipv4: ipv4
+                .map(|a| a.parse().map_err(|_| invalid("outgoing.ipv4", format!("{a:?} is not an IPv4 address"))))
+                .transpose()?,
+            ipv6: ipv6
+                .map(|a| a.parse().map_err(|_| invalid("outgoing.ipv6", format!("{a:?} is not an IPv6 address"))))
+                .transpose()?,
+            interface: match interface {
+                Some(i) if i.is_empty() || i.len() >= 16 || i.contains('/') => {
+                    return Err(invalid("outgoing.interface", format!("{i:?} is not an interface name")))
+                }
+                other => other,
+            },
+        };
+
+        let RawLimits { max_sessions, max_sessions_per_client, bandwidth, user_bandwidth } = limits.unwrap_or_default();
+        let mut per_user = BTreeMap::new();
+        for (user, rate) in user_bandwidth.unwrap_or_default() {
+            let r = parse_rate(&rate).map_err(|p| invalid(format!("limits.user_bandwidth.{user}"), p))?;
+            per_user.insert(user, r);
+        }
+        let limits = Limits {
+            max_sessions: max_sessions.unwrap_or(0),
+            max_sessions_per_client: max_sessions_per_client.unwrap_or(0),
+            bandwidth: parse_rate(bandwidth.as_deref().unwrap_or("0")).map_err(|p| invalid("limits.bandwidth", p))?,
+            user_bandwidth: per_user,
         };
 
         let RawLog { level, format } = log.unwrap_or_default();
@@ -307,7 +573,45 @@ impl TryFrom<RawConfig> for Config {
             Some(other) => return Err(invalid("log.format", format!("{other:?} is not \"text\" or \"json\""))),
         };
 
-        Ok(Self { listen, data_path, pin_dir, allow_clients, timeouts, log: LogConfig { level, format } })
+        let client_rule = client_rule.unwrap_or_default();
+        let socks_rule = socks_rule.unwrap_or_default();
+        if !client_rule.is_empty() && allow_clients_given {
+            return Err(invalid("allow_clients", "cannot be combined with [[client_rule]]; add a pass rule instead"));
+        }
+        let rules = if client_rule.is_empty() {
+            let shorthand = RawClientRule {
+                name: Some("allow_clients".to_owned()),
+                action: Some("pass".to_owned()),
+                from: Some(allow_clients.iter().map(ToString::to_string).collect()),
+                ..Default::default()
+            };
+            Rules::from_raw(vec![shorthand], with_default_pass(&socks_rule))?
+        } else {
+            Rules::from_raw(client_rule.clone(), with_default_pass(&socks_rule))?
+        };
+
+        Ok(Self {
+            listen,
+            data_path,
+            pin_dir,
+            allow_clients,
+            auth,
+            outgoing,
+            limits,
+            timeouts,
+            log: LogConfig { level, format },
+            rules: Arc::new(rules),
+            raw_rules: (client_rule, socks_rule),
+        })
+    }
+}
+
+/// Without any socks rule, every request from an admitted client passes.
+fn with_default_pass(socks: &[RawSocksRule]) -> Vec<RawSocksRule> {
+    if socks.is_empty() {
+        vec![RawSocksRule { name: Some("pass-all".to_owned()), action: Some("pass".to_owned()), ..Default::default() }]
+    } else {
+        socks.to_vec()
     }
 }
 
@@ -335,7 +639,8 @@ mod tests {
         assert_eq!(c.data_path, DataPathMode::Auto);
         assert!(c.allow_clients.iter().all(|n| n.addr().is_loopback()));
         // Round trip through the effective TOML.
-        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
     }
 
     #[test]
@@ -360,8 +665,36 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = Config::parse("lisen = []").unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
-        let err = Config::parse("[timeouts]\nidle = \"1s\"").unwrap_err().to_string();
-        assert!(err.contains("idle"), "{err}");
+        let err = Config::parse("[timeouts]\nidel = \"1s\"").unwrap_err().to_string();
+        assert!(err.contains("idel"), "{err}");
+        let err = Config::parse("[[socks_rule]]\naction = \"pass\"\nport = [80]").unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn parity_sections() {
+        let c = Config::parse(
+            "[limits]\nbandwidth = \"8mbit\"\nuser_bandwidth = { alice = \"800kbit\" }\nmax_sessions_per_client = 3\n\
+             [outgoing]\nipv4 = \"127.0.0.1\"\n\
+             [[socks_rule]]\nname = \"web\"\naction = \"pass\"\nports = [80, \"443\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.bandwidth, 1_000_000);
+        assert_eq!(c.limits.user_bandwidth["alice"], 100_000);
+        assert_eq!(c.limits.max_sessions_per_client, 3);
+        assert_eq!(c.outgoing.ipv4, Some(std::net::Ipv4Addr::LOCALHOST));
+        assert!(c.to_toml().contains("web"));
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+
+        let err = Config::parse("[auth]\nmethods = [\"username\"]").unwrap_err().to_string();
+        assert!(err.contains("`auth.users_file`"), "{err}");
+        let err = Config::parse("[auth]\nmethods = [\"gssapi\"]").unwrap_err().to_string();
+        assert!(err.contains("`auth.methods[0]`"), "{err}");
+        let err = Config::parse("[limits]\nbandwidth = \"10\"").unwrap_err().to_string();
+        assert!(err.contains("`limits.bandwidth`"), "{err}");
+        let err = Config::parse("allow_clients = [\"10.0.0.0/8\"]\n[[client_rule]]\naction = \"pass\"").unwrap_err().to_string();
+        assert!(err.contains("`allow_clients`"), "{err}");
     }
 
     #[test]

@@ -18,11 +18,12 @@ pub mod sys;
 pub mod udp;
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock},
 };
 
 use proxy_common::metrics::Counter;
@@ -32,13 +33,21 @@ use tokio::{
 };
 
 pub use crate::config::Config;
-use crate::{config::DataPathMode, kernel::Kernel, metrics::Metrics, relay::{splice::PipePool, watch::Watcher}};
+use crate::{
+    acl::Action,
+    auth::FailureTracker,
+    config::DataPathMode,
+    kernel::Kernel,
+    metrics::Metrics,
+    relay::{splice::PipePool, watch::Watcher},
+};
 
 /// State shared by every session.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration in force.
-    pub config: Config,
+    /// The configuration in force; replaced on SIGHUP. Sessions keep the snapshot they started
+    /// with.
+    config: RwLock<Arc<Config>>,
     /// Daemon counters.
     pub metrics: Metrics,
     /// Loaded eBPF programs and maps, if the kernel accepted them.
@@ -49,9 +58,60 @@ pub struct Shared {
     pub pipes: PipePool,
     /// End-of-stream watcher for spliced sockets.
     pub watcher: Arc<Watcher>,
+    /// Slows down repeated authentication failures per source address.
+    pub auth_failures: FailureTracker,
+    /// Sessions per client address, for `limits.max_sessions_per_client`.
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Holds a client's slot in the per-client count.
+struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.shared.per_client.lock().expect("per-client lock");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// The configuration for a new session.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Applies a reloaded configuration to new sessions. Listeners, `data_path` and `pin_dir`
+    /// are fixed at start-up.
+    pub fn replace_config(&self, new: Config) {
+        let mut cur = self.config.write().expect("config lock");
+        if new.listen != cur.listen || new.pin_dir != cur.pin_dir || new.data_path != cur.data_path {
+            tracing::warn!("listen, pin_dir and data_path changes take effect at the next start");
+        }
+        let mut new = new;
+        new.listen.clone_from(&cur.listen);
+        new.pin_dir.clone_from(&cur.pin_dir);
+        new.data_path = cur.data_path;
+        *cur = Arc::new(new);
+    }
+
+    fn client_slot(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut m = self.per_client.lock().expect("per-client lock");
+        let n = m.entry(ip).or_insert(0);
+        if max != 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { shared: self.clone(), ip })
+    }
+
     /// The sockhash splice, when loaded and working.
     pub fn sockmap(&self) -> Option<&kernel::Sockmap> {
         self.kernel.as_ref().filter(|_| self.sockmap_ok).map(Kernel::sockmap)
@@ -63,6 +123,36 @@ impl Shared {
 pub struct RunOptions {
     /// Write the bound listener addresses here once ready.
     pub addr_file: Option<PathBuf>,
+    /// The configuration file to re-read on SIGHUP (None: SIGHUP is ignored).
+    pub config_path: Option<PathBuf>,
+    /// Command-line overrides, applied again to every reloaded file.
+    pub overrides: Overrides,
+}
+
+/// Command-line settings that win over the configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Vec<SocketAddr>,
+    /// `--data-path`.
+    pub data_path: Option<DataPathMode>,
+    /// `--pin-dir`.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Applies the overrides to `config`.
+    pub fn apply(&self, config: &mut Config) {
+        if !self.listen.is_empty() {
+            config.listen.clone_from(&self.listen);
+        }
+        if let Some(p) = self.data_path {
+            config.data_path = p;
+        }
+        if let Some(p) = &self.pin_dir {
+            config.pin_dir.clone_from(p);
+        }
+    }
 }
 
 /// Why the daemon could not run.
@@ -121,6 +211,8 @@ fn load_kernel(config: &Config) -> (Option<Kernel>, bool) {
 /// Runs the daemon until `shutdown` resolves, then stops accepting and gives relaying sessions
 /// `timeouts.drain` to finish.
 pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let mut config = config;
+    opts.overrides.apply(&mut config);
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let (kernel, sockmap_ok) = load_kernel(&config);
 
@@ -135,7 +227,21 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
         _ => "splice",
     };
     let metrics = kernel.as_ref().and_then(Kernel::take_metrics).unwrap_or_default();
-    let shared = Arc::new(Shared { config, metrics, kernel, sockmap_ok, pipes: PipePool::default(), watcher });
+    let max_sessions = match config.limits.max_sessions {
+        // Two descriptors per session, and headroom for listeners, pipes and maps.
+        0 => usize::try_from(nofile.saturating_sub(64) / 4).unwrap_or(1024).max(16),
+        n => n,
+    };
+    let shared = Arc::new(Shared {
+        config: RwLock::new(Arc::new(config)),
+        metrics,
+        kernel,
+        sockmap_ok,
+        pipes: PipePool::default(),
+        watcher,
+        auth_failures: FailureTracker::new(),
+        per_client: Mutex::new(HashMap::new()),
+    });
 
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     for a in &bound {
@@ -149,8 +255,6 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
             .map_err(|source| Error::Io { context: "writing the address file", source })?;
     }
 
-    // Two descriptors per session, and some headroom for listeners, pipes and maps.
-    let max_sessions = usize::try_from(nofile.saturating_sub(64) / 4).unwrap_or(1024).max(16);
     let permits = Arc::new(Semaphore::new(max_sessions));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every session holds a clone; when all are dropped, `done_rx.recv()` returns None.
@@ -162,13 +266,18 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
     }
     drop(done_tx);
 
+    let reloader = opts.config_path.clone().map(|path| tokio::spawn(reload_loop(shared.clone(), path, opts.overrides.clone())));
+
     shutdown.await;
+    if let Some(r) = reloader {
+        r.abort();
+    }
     tracing::info!("shutting down: no new sessions");
     let _ = stop_tx.send(true);
     for t in accept_tasks {
         let _ = t.await;
     }
-    let drain = shared.config.timeouts.drain;
+    let drain = shared.config().timeouts.drain;
     if tokio::time::timeout(drain, done_rx.recv()).await.is_err() {
         tracing::warn!(after = ?drain, "sessions still open at the end of the drain period; closing them");
     }
@@ -198,22 +307,60 @@ async fn accept_loop(
             }
         };
         shared.metrics.inc(Counter::ConnectionsAccepted);
-        if !shared.config.allow_clients.iter().any(|n| n.contains(&peer.ip().to_canonical())) {
+        let config = shared.config();
+        // Stage 1 of the rules: the client address alone, before any negotiation.
+        let (verdict, methods) = config.rules.check_client(peer.ip().to_canonical());
+        if verdict.log {
+            tracing::info!(client = %peer, rule = verdict.rule, action = ?verdict.action, "client rule matched");
+        }
+        if verdict.action == Action::Block {
             shared.metrics.inc(Counter::ConnectionsRefused);
-            tracing::info!(client = %peer, "client address not allowed");
+            tracing::debug!(client = %peer, rule = verdict.rule, "client refused by rule");
             continue;
         }
+        let methods = methods.map(<[_]>::to_vec);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.metrics.inc(Counter::ConnectionsRefused);
             tracing::warn!(client = %peer, "session limit reached");
             continue;
         };
+        let Some(slot) = shared.client_slot(peer.ip().to_canonical(), config.limits.max_sessions_per_client) else {
+            shared.metrics.inc(Counter::ConnectionsRefused);
+            tracing::warn!(client = %peer, "per-client session limit reached");
+            continue;
+        };
         let shared = shared.clone();
         let done = done.clone();
         tokio::spawn(async move {
-            session::handle(&shared, stream, peer).await;
+            session::handle(&shared, config, stream, peer, methods).await;
+            drop(slot);
             drop(permit);
             drop(done);
         });
+    }
+}
+
+/// Re-reads the configuration on every SIGHUP. A valid file applies to new sessions (existing
+/// ones keep theirs); an invalid one is logged and the old configuration stays.
+async fn reload_loop(shared: Arc<Shared>, path: PathBuf, overrides: Overrides) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload is unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load(&path)).await
+        };
+        match loaded {
+            Ok(Ok(mut c)) => {
+                overrides.apply(&mut c);
+                shared.replace_config(c);
+                tracing::info!(file = %path.display(), "configuration reloaded");
+            }
+            Ok(Err(e)) => tracing::error!(file = %path.display(), cause = %e, "configuration not reloaded, keeping the previous one"),
+            Err(e) => tracing::error!(cause = %e, "configuration reload failed"),
+        }
     }
 }

@@ -6,7 +6,7 @@ use clap::Parser as _;
 use ebsocks::{
     cli::{Cli, Command, RunArgs},
     config::{Config, LogFormat},
-    stats, RunOptions,
+    stats, Overrides, RunOptions,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -38,12 +38,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => run(args),
+        Command::HashPassword => hash_password(),
     }
 }
 
 fn run(args: RunArgs) -> ExitCode {
     let RunArgs { config, listen, data_path, pin_dir, addr_file } = args;
-    let mut cfg = match &config {
+    let cfg = match &config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
@@ -53,15 +54,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
-    if !listen.is_empty() {
-        cfg.listen = listen;
-    }
-    if let Some(p) = data_path {
-        cfg.data_path = p.into();
-    }
-    if let Some(p) = pin_dir {
-        cfg.pin_dir = p;
-    }
+    let overrides = Overrides { listen, data_path: data_path.map(Into::into), pin_dir };
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -77,7 +70,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(ebsocks::run(cfg, RunOptions { addr_file }, shutdown_signal()));
+    let opts = RunOptions { addr_file, config_path: config, overrides };
+    let result = runtime.block_on(ebsocks::run(cfg, opts, shutdown_signal()));
     // Dropping the runtime ends the remaining session tasks, which releases the eBPF programs
     // and removes the pinned maps.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -100,4 +94,20 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Reads a password from standard input (one line) and prints its hash for the users file.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("ebsocks: reading the password: {e}");
+        return ExitCode::from(1);
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("ebsocks: empty password");
+        return ExitCode::from(2);
+    }
+    println!("{}", ebsocks::auth::hash_password(password));
+    ExitCode::SUCCESS
 }

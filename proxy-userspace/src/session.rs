@@ -1,31 +1,45 @@
-//! One client connection: SOCKS5 negotiation, the CONNECT to the target, then the relay.
+//! One client connection: SOCKS4/4a/5 negotiation, authentication, the rules, then CONNECT,
+//! BIND or UDP ASSOCIATE, and the relay.
 
 use std::{
     io,
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use proxy_common::metrics::Counter;
-use proxy_socks5::{Address, Command, DecodeError, Greeting, Method, MethodSelection, Reply, Request, Response};
+use proxy_socks5::{
+    Address, Command, DecodeError, Greeting, Method, MethodSelection, Reply, Request, Response, Socks4Command,
+    Socks4Reply, Socks4Request, Socks4Response, UserPassRequest, UserPassResponse,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpListener, TcpSocket, TcpStream},
     time::timeout,
 };
 
 use crate::{
+    acl::{self, Action, AuthMethod, Dest, RequestInfo},
+    config::Config,
     relay::{self, Consumed, End},
-    Shared,
+    sys, udp, Shared,
 };
 
-/// Upper bound on what the daemon buffers from a client before the relay starts. A greeting
-/// and a request fit in well under 600 bytes; pipelined payload beyond this stays in the
-/// socket's receive queue, where the relay picks it up.
+/// Upper bound on what the daemon buffers from a client before the relay starts. Any SOCKS
+/// message fits in well under this; pipelined payload beyond it stays in the socket's receive
+/// queue, where the relay picks it up.
 const NEGOTIATION_BUF: usize = 4096;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// How long a client waits before the next accept after an accept error (descriptors
+/// exhausted): existing sessions go on, and the loop does not spin.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why a session ended before relaying.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +65,18 @@ pub enum SessionError {
     /// The client offered no method the server accepts.
     #[error("no acceptable authentication method")]
     NoAcceptableMethod,
+    /// Username/password authentication failed.
+    #[error("authentication failed for user {user:?}")]
+    AuthFailed {
+        /// The username given.
+        user: String,
+    },
+    /// A rule blocked the request.
+    #[error("blocked by rule {rule:?}")]
+    Blocked {
+        /// The rule's name.
+        rule: String,
+    },
     /// The request could not be served; the reply code was sent.
     #[error("request refused with reply {reply:?}: {reason}")]
     Refused {
@@ -65,79 +91,120 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> SessionError {
     move |source| SessionError::Io { context, source }
 }
 
+/// What the client asked for, whatever its SOCKS version.
+struct Negotiated {
+    version: u8,
+    user: Option<String>,
+    command: acl::Command,
+    address: Address,
+    /// Bytes the client pipelined behind its request.
+    leftover: Vec<u8>,
+    /// Bytes read from the client in all.
+    read_total: u64,
+}
+
+/// Replies in the client's SOCKS version.
+#[derive(Clone, Copy)]
+struct Replier {
+    version: u8,
+}
+
+impl Replier {
+    async fn send(self, client: &mut TcpStream, reply: Reply, address: SocketAddr) -> Result<(), SessionError> {
+        let mut out = Vec::with_capacity(32);
+        if self.version == 4 {
+            let reply = if reply == Reply::Succeeded { Socks4Reply::Granted } else { Socks4Reply::Rejected };
+            let address = match address {
+                SocketAddr::V4(a) => a,
+                // SOCKS4 cannot carry an IPv6 address: the port alone is still useful.
+                SocketAddr::V6(a) => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, a.port()),
+            };
+            Socks4Response { reply, address }.encode(&mut out);
+        } else {
+            Response { reply, address: Address::Ip(address) }.encode(&mut out);
+        }
+        client.write_all(&out).await.map_err(io_err("writing to the client"))
+    }
+
+    async fn refuse<T>(self, client: &mut TcpStream, reply: Reply, err: SessionError) -> Result<T, SessionError> {
+        let _ = self.send(client, reply, unspecified()).await;
+        Err(err)
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
 /// Runs one client connection to completion. Never panics on network input.
-pub async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr) {
+///
+/// `methods` is the client rule's method restriction (`None`: the configured methods).
+pub async fn handle(shared: &Shared, config: Arc<Config>, mut client: TcpStream, peer: SocketAddr, methods: Option<Vec<AuthMethod>>) {
     let id = NEXT_SESSION.fetch_add(1, Relaxed);
     let started = Instant::now();
-    let negotiated = match timeout(shared.config.timeouts.negotiation, negotiate(&mut client)).await {
+    let negotiated = match timeout(config.timeouts.negotiation, negotiate(shared, &config, &mut client, peer, methods.as_deref())).await {
         Ok(r) => r,
         Err(_) => {
             shared.metrics.inc(Counter::NegotiationTimeouts);
             Err(SessionError::NegotiationTimeout)
         }
     };
-    let (request, leftover, consumed) = match negotiated {
+    let n = match negotiated {
         Ok(n) => n,
         Err(e) => {
             fail(shared, id, peer, None, &e);
             return;
         }
     };
-    let target = request.address.clone();
-    let upstream = match serve(shared, &mut client, request, &leftover).await {
-        Ok(u) => u,
-        Err(e) => {
-            fail(shared, id, peer, Some(&target), &e);
-            return;
+    let target = n.address.clone();
+    let user = n.user.clone();
+    match serve(shared, &config, id, client, peer, n).await {
+        Ok(Some(outcome)) => {
+            let path = outcome.path.name();
+            let secs = started.elapsed().as_secs_f64();
+            let (up, down) = (outcome.up, outcome.down);
+            match outcome.end {
+                End::Eof | End::Shutdown => {
+                    tracing::info!(session = id, client = %peer, target = %target, user = user.as_deref().unwrap_or("-"), path, up, down, secs, "session closed");
+                }
+                End::Idle => {
+                    tracing::info!(session = id, client = %peer, target = %target, user = user.as_deref().unwrap_or("-"), path, up, down, secs, "session idle, closed");
+                }
+                End::Error(e) => {
+                    tracing::info!(session = id, client = %peer, target = %target, user = user.as_deref().unwrap_or("-"), path, up, down, secs, cause = %e, "session reset");
+                }
+            }
         }
-    };
-    let consumed = Consumed { from_client: consumed, forwarded: leftover.len() as u64 };
-    let outcome = relay::relay(shared, id, client, upstream, consumed).await;
-    let up = outcome.up;
-    let path = outcome.path.name();
-    let secs = started.elapsed().as_secs_f64();
-    match outcome.end {
-        End::Eof | End::Shutdown => {
-            tracing::info!(session = id, client = %peer, target = %target, path, up, down = outcome.down, secs, "session closed");
-        }
-        End::Error(e) => {
-            tracing::info!(session = id, client = %peer, target = %target, path, up, down = outcome.down, secs, cause = %e, "session reset");
-        }
+        Ok(None) => {}
+        Err(e) => fail(shared, id, peer, Some(&target), &e),
     }
 }
 
 fn fail(shared: &Shared, id: u64, peer: SocketAddr, target: Option<&Address>, e: &SessionError) {
     shared.metrics.inc(Counter::SessionsFailed);
-    match target {
-        Some(t) => tracing::info!(session = id, client = %peer, target = %t, cause = %e, "session failed"),
-        None => tracing::debug!(session = id, client = %peer, cause = %e, "session failed"),
+    match (target, e) {
+        (_, SessionError::AuthFailed { user }) => {
+            tracing::warn!(session = id, client = %peer, user = %user, "authentication failed");
+        }
+        (Some(t), _) => tracing::info!(session = id, client = %peer, target = %t, cause = %e, "session failed"),
+        (None, _) => tracing::debug!(session = id, client = %peer, cause = %e, "session failed"),
     }
 }
 
-/// Reads greeting and request. Returns the request, payload bytes the client pipelined behind
-/// it, and how many bytes were read from the client in all.
-async fn negotiate(client: &mut TcpStream) -> Result<(Request, Vec<u8>, u64), SessionError> {
-    let mut buf = Vec::with_capacity(NEGOTIATION_BUF);
-    let mut read_total = 0u64;
-
-    let greeting: Greeting = read_message(client, &mut buf, &mut read_total, Greeting::decode).await?;
-    if !greeting.methods.contains(&Method::NoAuth) {
-        send(client, &MethodSelection { method: Method::NoAcceptable }).await?;
-        return Err(SessionError::NoAcceptableMethod);
+/// Reads until `buf` holds at least one byte more than `have`.
+async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, read_total: &mut u64) -> Result<(), SessionError> {
+    if buf.len() >= NEGOTIATION_BUF {
+        return Err(DecodeError::Field { what: "message longer than any valid SOCKS message" }.into());
     }
-    send(client, &MethodSelection { method: Method::NoAuth }).await?;
-
-    let request = match read_message(client, &mut buf, &mut read_total, Request::decode).await {
-        Ok(r) => r,
-        Err(SessionError::Decode(e)) => {
-            if let Some(reply) = e.reply() {
-                let _ = send(client, &Response { reply, address: Address::UNSPECIFIED }).await;
-            }
-            return Err(SessionError::Decode(e));
-        }
-        Err(e) => return Err(e),
-    };
-    Ok((request, buf, read_total))
+    let mut chunk = [0u8; 1024];
+    let room = (NEGOTIATION_BUF - buf.len()).min(chunk.len());
+    let n = client.read(&mut chunk[..room]).await.map_err(io_err("reading from the client"))?;
+    if n == 0 {
+        return Err(SessionError::ClientClosed);
+    }
+    *read_total += n as u64;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
 }
 
 /// Decodes one message from `buf`, reading more as needed; consumed bytes are removed from
@@ -154,92 +221,436 @@ async fn read_message<T>(
                 buf.drain(..used);
                 return Ok(msg);
             }
-            Err(DecodeError::Incomplete) => {}
+            Err(DecodeError::Incomplete) => read_more(client, buf, read_total).await?,
             Err(e) => return Err(e.into()),
         }
-        if buf.len() >= NEGOTIATION_BUF {
-            return Err(DecodeError::Field { what: "message longer than any valid SOCKS message" }.into());
-        }
-        let mut chunk = [0u8; 1024];
-        let room = (NEGOTIATION_BUF - buf.len()).min(chunk.len());
-        let n = client.read(&mut chunk[..room]).await.map_err(io_err("reading from the client"))?;
-        if n == 0 {
-            return Err(SessionError::ClientClosed);
-        }
-        *read_total += n as u64;
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
-trait Encode {
-    fn encode_to(&self, dst: &mut Vec<u8>);
+async fn write(client: &mut TcpStream, bytes: &[u8]) -> Result<(), SessionError> {
+    client.write_all(bytes).await.map_err(io_err("writing to the client"))
 }
 
-macro_rules! impl_encode {
-    ($($t:ty),*) => {$(
-        impl Encode for $t {
-            fn encode_to(&self, dst: &mut Vec<u8>) {
-                self.encode(dst);
+async fn negotiate(
+    shared: &Shared,
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    restrict: Option<&[AuthMethod]>,
+) -> Result<Negotiated, SessionError> {
+    let mut buf = Vec::with_capacity(NEGOTIATION_BUF);
+    let mut read_total = 0u64;
+    while buf.is_empty() {
+        read_more(client, &mut buf, &mut read_total).await?;
+    }
+    match buf[0] {
+        4 => negotiate_v4(client, buf, read_total).await,
+        5 => negotiate_v5(shared, config, client, peer, restrict, buf, read_total).await,
+        found => Err(DecodeError::Version { found }.into()),
+    }
+}
+
+async fn negotiate_v4(client: &mut TcpStream, mut buf: Vec<u8>, mut read_total: u64) -> Result<Negotiated, SessionError> {
+    let req = match read_message(client, &mut buf, &mut read_total, Socks4Request::decode).await {
+        Ok(r) => r,
+        Err(SessionError::Decode(e)) => {
+            if e.socks4_reply().is_some() {
+                let _ = Replier { version: 4 }.send(client, Reply::GeneralFailure, unspecified()).await;
             }
+            return Err(SessionError::Decode(e));
         }
-    )*};
+        Err(e) => return Err(e),
+    };
+    let Socks4Request { command, address, user_id } = req;
+    let command = match command {
+        Socks4Command::Connect => acl::Command::Connect,
+        Socks4Command::Bind => acl::Command::Bind,
+    };
+    // The SOCKS4 USERID is unauthenticated; rules may still match on it, as in Dante.
+    let user = (!user_id.is_empty()).then(|| String::from_utf8_lossy(&user_id).into_owned());
+    Ok(Negotiated { version: 4, user, command, address, leftover: buf, read_total })
 }
-impl_encode!(MethodSelection, Response);
 
-async fn send(client: &mut TcpStream, msg: &impl Encode) -> Result<(), SessionError> {
-    let mut out = Vec::with_capacity(64);
-    msg.encode_to(&mut out);
-    client.write_all(&out).await.map_err(io_err("writing to the client"))
-}
+#[expect(clippy::too_many_arguments, reason = "one call site; the negotiation state is passed along as is")]
+async fn negotiate_v5(
+    shared: &Shared,
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    restrict: Option<&[AuthMethod]>,
+    mut buf: Vec<u8>,
+    mut read_total: u64,
+) -> Result<Negotiated, SessionError> {
+    let greeting: Greeting = read_message(client, &mut buf, &mut read_total, Greeting::decode).await?;
+    // Server preference order, narrowed by the client rule, intersected with what was offered.
+    let chosen = config
+        .auth
+        .methods
+        .iter()
+        .copied()
+        .filter(|m| restrict.is_none_or(|r| r.contains(m)))
+        .find(|m| greeting.methods.contains(&wire_method(*m)));
+    let Some(chosen) = chosen else {
+        write(client, &encode(&MethodSelection { method: Method::NoAcceptable })).await?;
+        return Err(SessionError::NoAcceptableMethod);
+    };
+    write(client, &encode(&MethodSelection { method: wire_method(chosen) })).await?;
 
-/// Serves the request: connects and sends the success reply, or sends the failure reply.
-async fn serve(shared: &Shared, client: &mut TcpStream, request: Request, leftover: &[u8]) -> Result<TcpStream, SessionError> {
+    let user = match chosen {
+        AuthMethod::None => None,
+        AuthMethod::Username => Some(authenticate(shared, config, client, peer, &mut buf, &mut read_total).await?),
+    };
+
+    let request = match read_message(client, &mut buf, &mut read_total, Request::decode).await {
+        Ok(r) => r,
+        Err(SessionError::Decode(e)) => {
+            if let Some(reply) = e.reply() {
+                let _ = Replier { version: 5 }.send(client, reply, unspecified()).await;
+            }
+            return Err(SessionError::Decode(e));
+        }
+        Err(e) => return Err(e),
+    };
     let Request { command, address } = request;
-    if command != Command::Connect {
-        return refuse(client, Reply::CommandNotSupported, format!("{command:?} is not supported")).await;
+    let command = match command {
+        Command::Connect => acl::Command::Connect,
+        Command::Bind => acl::Command::Bind,
+        Command::UdpAssociate => acl::Command::UdpAssociate,
+    };
+    Ok(Negotiated { version: 5, user, command, address, leftover: buf, read_total })
+}
+
+fn wire_method(m: AuthMethod) -> Method {
+    match m {
+        AuthMethod::None => Method::NoAuth,
+        AuthMethod::Username => Method::UserPass,
     }
-    let upstream = match timeout(shared.config.timeouts.connect, connect(&address)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err((reply, reason))) => return refuse(client, reply, reason).await,
-        Err(_) => return refuse(client, Reply::TtlExpired, "connect timed out".to_owned()).await,
+}
+
+fn encode(m: &MethodSelection) -> [u8; 2] {
+    let mut out = Vec::with_capacity(2);
+    m.encode(&mut out);
+    [out[0], out[1]]
+}
+
+/// RFC 1929. Repeated failures from one address are slowed down before the check.
+async fn authenticate(
+    shared: &Shared,
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    buf: &mut Vec<u8>,
+    read_total: &mut u64,
+) -> Result<String, SessionError> {
+    let req: UserPassRequest = read_message(client, buf, read_total, UserPassRequest::decode).await?;
+    let delay = shared.auth_failures.delay(peer.ip(), Instant::now());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let user = String::from_utf8_lossy(&req.username).into_owned();
+    let ok = match &config.auth.users {
+        Some(db) => {
+            let db = db.clone();
+            let UserPassRequest { username, password } = req;
+            tokio::task::spawn_blocking(move || db.verify(&username, &password)).await.unwrap_or(false)
+        }
+        None => false,
+    };
+    let mut out = Vec::with_capacity(2);
+    if ok {
+        UserPassResponse::SUCCESS.encode(&mut out);
+        write(client, &out).await?;
+        shared.auth_failures.succeeded(peer.ip());
+        shared.metrics.inc(Counter::AuthSuccesses);
+        Ok(user)
+    } else {
+        UserPassResponse::FAILURE.encode(&mut out);
+        let _ = write(client, &out).await;
+        shared.auth_failures.failed(peer.ip(), Instant::now());
+        shared.metrics.inc(Counter::AuthFailures);
+        Err(SessionError::AuthFailed { user })
+    }
+}
+
+/// Applies the rules to the request. For a domain, the name is checked first, then every
+/// resolved address; only addresses that pass are returned.
+async fn authorize(
+    shared: &Shared,
+    config: &Config,
+    peer: SocketAddr,
+    n: &Negotiated,
+) -> Result<Vec<SocketAddr>, (Reply, SessionError)> {
+    let info = |dest| RequestInfo { client: peer.ip().to_canonical(), user: n.user.as_deref(), command: n.command, version: n.version, dest };
+    let blocked = |shared: &Shared, verdict: &acl::Verdict<'_>| {
+        shared.metrics.inc(Counter::RequestsBlocked);
+        (Reply::NotAllowed, SessionError::Blocked { rule: verdict.rule.to_owned() })
+    };
+    let log = |verdict: &acl::Verdict<'_>, what: &dyn std::fmt::Display| {
+        if verdict.log {
+            tracing::info!(client = %peer, target = %what, rule = verdict.rule, action = ?verdict.action, "rule matched");
+        }
+    };
+    match &n.address {
+        Address::Ip(a) => {
+            let v = config.rules.check_request(&info(Dest::Ip(a.ip().to_canonical(), a.port())));
+            log(&v, a);
+            if v.action == Action::Block {
+                return Err(blocked(shared, &v));
+            }
+            Ok(vec![*a])
+        }
+        Address::Domain(host, port) => {
+            if let Some(v) = config.rules.check_name(&info(Dest::Name(host, *port))) {
+                log(&v, &n.address);
+                if v.action == Action::Block {
+                    return Err(blocked(shared, &v));
+                }
+            }
+            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    return Err((
+                        Reply::HostUnreachable,
+                        SessionError::Refused { reply: Reply::HostUnreachable, reason: format!("cannot resolve {host}: {e}") },
+                    ))
+                }
+            };
+            let mut allowed = Vec::with_capacity(resolved.len());
+            let mut first_block = None;
+            for a in resolved {
+                let v = config.rules.check_request(&info(Dest::Resolved(host, a.ip().to_canonical(), a.port())));
+                log(&v, &a);
+                match v.action {
+                    Action::Pass => allowed.push(a),
+                    Action::Block => {
+                        first_block.get_or_insert(v.rule.to_owned());
+                    }
+                }
+            }
+            if allowed.is_empty() {
+                let rule = first_block.unwrap_or_else(|| "default".to_owned());
+                shared.metrics.inc(Counter::RequestsBlocked);
+                return Err((Reply::NotAllowed, SessionError::Blocked { rule }));
+            }
+            Ok(allowed)
+        }
+    }
+}
+
+/// Serves an authorised request. Returns the relay outcome for CONNECT and BIND, None for UDP.
+async fn serve(
+    shared: &Shared,
+    config: &Config,
+    id: u64,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    n: Negotiated,
+) -> Result<Option<relay::Outcome>, SessionError> {
+    let replier = Replier { version: n.version };
+    let targets = match authorize(shared, config, peer, &n).await {
+        Ok(t) => t,
+        Err((reply, e)) => return replier.refuse(&mut client, reply, e).await,
+    };
+    let _ = client.set_nodelay(true);
+    let upstream = match n.command {
+        acl::Command::Connect => {
+            let upstream = match timeout(config.timeouts.connect, connect(config, &targets)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let reply = reply_for(&e);
+                    let reason = format!("connect to {}: {e}", n.address);
+                    return replier.refuse(&mut client, reply, SessionError::Refused { reply, reason }).await;
+                }
+                Err(_) => {
+                    let reason = format!("connect to {} timed out", n.address);
+                    return replier.refuse(&mut client, Reply::TtlExpired, SessionError::Refused { reply: Reply::TtlExpired, reason }).await;
+                }
+            };
+            let bound = upstream.local_addr().map_err(io_err("reading the outbound address"))?;
+            replier.send(&mut client, Reply::Succeeded, bound).await?;
+            upstream
+        }
+        acl::Command::Bind => match bind(shared, config, &mut client, replier, &targets).await? {
+            Some(s) => s,
+            None => return Ok(None),
+        },
+        acl::Command::UdpAssociate => {
+            udp_associate(shared, config, id, &mut client, peer, &n).await?;
+            return Ok(None);
+        }
     };
     let _ = upstream.set_nodelay(true);
-    let _ = client.set_nodelay(true);
-    let bound = upstream.local_addr().map_err(io_err("reading the outbound address"))?;
-    send(client, &Response { reply: Reply::Succeeded, address: Address::Ip(bound) }).await?;
+    pace(config, n.user.as_deref(), &client, &upstream);
     // Payload the client pipelined behind its request goes first, before the relay starts.
     let mut upstream = upstream;
-    if !leftover.is_empty() {
-        upstream.write_all(leftover).await.map_err(io_err("writing pipelined bytes to the target"))?;
+    if !n.leftover.is_empty() {
+        upstream.write_all(&n.leftover).await.map_err(io_err("writing pipelined bytes to the target"))?;
     }
-    Ok(upstream)
+    let consumed = Consumed { from_client: n.read_total, forwarded: n.leftover.len() as u64 };
+    Ok(Some(relay::relay(shared, config, id, client, upstream, consumed).await))
 }
 
-async fn refuse<T>(client: &mut TcpStream, reply: Reply, reason: String) -> Result<T, SessionError> {
-    let _ = send(client, &Response { reply, address: Address::UNSPECIFIED }).await;
-    Err(SessionError::Refused { reply, reason })
-}
-
-/// Resolves (for a domain) and connects, trying every address in turn.
-async fn connect(address: &Address) -> Result<TcpStream, (Reply, String)> {
-    let addrs: Vec<SocketAddr> = match address {
-        Address::Ip(a) => vec![*a],
-        Address::Domain(host, port) => match tokio::net::lookup_host((host.as_str(), *port)).await {
-            Ok(it) => it.collect(),
-            Err(e) => return Err((Reply::HostUnreachable, format!("cannot resolve {host}: {e}"))),
-        },
-    };
-    let mut last = None;
-    for a in &addrs {
-        match TcpStream::connect(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+/// Bandwidth limits as socket pacing (SO_MAX_PACING_RATE): enforced by TCP itself, so spliced
+/// sessions stay in the kernel.
+fn pace(config: &Config, user: Option<&str>, client: &TcpStream, upstream: &TcpStream) {
+    let rate = user.and_then(|u| config.limits.user_bandwidth.get(u).copied()).unwrap_or(config.limits.bandwidth);
+    if rate == 0 {
+        return;
+    }
+    let rate = libc::c_int::try_from(rate).unwrap_or(libc::c_int::MAX);
+    // Client-bound bytes leave through the client socket, target-bound ones through the upstream.
+    for s in [client.as_fd(), upstream.as_fd()] {
+        if let Err(e) = sys::setsockopt_int(s, libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE, rate) {
+            tracing::warn!(cause = %e, "cannot set the pacing rate");
         }
     }
-    let Some(e) = last else {
-        return Err((Reply::HostUnreachable, format!("{address} has no addresses")));
+}
+
+/// A socket for an outgoing connection or BIND listener, bound per `[outgoing]`.
+fn outgoing_socket(config: &Config, target: &SocketAddr) -> io::Result<TcpSocket> {
+    let sock = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(ifname) = &config.outgoing.interface {
+        sys::bind_to_device(sock.as_fd(), ifname)?;
+    }
+    let source: Option<IpAddr> = match target {
+        SocketAddr::V4(_) => config.outgoing.ipv4.map(IpAddr::V4),
+        SocketAddr::V6(_) => config.outgoing.ipv6.map(IpAddr::V6),
     };
-    Err((reply_for(&e), format!("connect to {address}: {e}")))
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    Ok(sock)
+}
+
+/// Connects to the first target that accepts.
+async fn connect(config: &Config, targets: &[SocketAddr]) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for t in targets {
+        match outgoing_socket(config, t) {
+            Ok(sock) => match sock.connect(*t).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            },
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// RFC 1928 BIND: listen, tell the client where, wait for the expected peer, tell the client
+/// who connected. Returns the accepted connection, or None when the client went away.
+async fn bind(
+    shared: &Shared,
+    config: &Config,
+    client: &mut TcpStream,
+    replier: Replier,
+    expected: &[SocketAddr],
+) -> Result<Option<TcpStream>, SessionError> {
+    let Some(first) = expected.first() else {
+        return replier.refuse(client, Reply::GeneralFailure, SessionError::ClientClosed).await;
+    };
+    // Listen on the address the target will reach us by: the configured outgoing address, else
+    // the source address routing picks towards the expected peer.
+    let local_ip = match first {
+        SocketAddr::V4(_) => config.outgoing.ipv4.map(IpAddr::V4),
+        SocketAddr::V6(_) => config.outgoing.ipv6.map(IpAddr::V6),
+    }
+    .or_else(|| sys::route_source(*first).ok())
+    .unwrap_or_else(|| client.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])));
+    let listener = match outgoing_socket(config, first).and_then(|s| {
+        s.set_reuseaddr(true)?;
+        if config.outgoing.ipv4.is_none() && config.outgoing.ipv6.is_none() {
+            s.bind(SocketAddr::new(local_ip, 0))?;
+        }
+        s.listen(1)
+    }) {
+        Ok(l) => l,
+        Err(e) => {
+            let reply = reply_for(&e);
+            return replier.refuse(client, reply, SessionError::Refused { reply, reason: format!("BIND listen: {e}") }).await;
+        }
+    };
+    let bound = listener.local_addr().map_err(io_err("reading the BIND address"))?;
+    shared.metrics.inc(Counter::BindsTotal);
+    replier.send(client, Reply::Succeeded, bound).await?;
+
+    let wait = accept_expected(&listener, expected);
+    let accepted = tokio::select! {
+        r = timeout(config.timeouts.bind, wait) => r,
+        // The client closing its connection abandons the BIND.
+        () = closed(client) => return Ok(None),
+    };
+    let (stream, from) = match accepted {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return replier.refuse(client, Reply::GeneralFailure, SessionError::Io { context: "BIND accept", source: e }).await,
+        Err(_) => {
+            let reason = "no connection before timeouts.bind".to_owned();
+            return replier.refuse(client, Reply::TtlExpired, SessionError::Refused { reply: Reply::TtlExpired, reason }).await;
+        }
+    };
+    replier.send(client, Reply::Succeeded, from).await?;
+    Ok(Some(stream))
+}
+
+/// Resolves when the client closes (or resets) its connection; never when it merely sends.
+async fn closed(client: &TcpStream) {
+    let mut b = [0u8; 1];
+    match client.peek(&mut b).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Accepts connections until one comes from an expected address (Dante checks the peer's
+/// address against the request's; an unspecified request address accepts anyone).
+async fn accept_expected(listener: &TcpListener, expected: &[SocketAddr]) -> io::Result<(TcpStream, SocketAddr)> {
+    loop {
+        let (s, from) = listener.accept().await?;
+        let ok = expected
+            .iter()
+            .any(|e| e.ip().is_unspecified() || e.ip().to_canonical() == from.ip().to_canonical());
+        if ok {
+            return Ok((s, from));
+        }
+        tracing::info!(from = %from, "BIND: connection from an unexpected address refused");
+    }
+}
+
+async fn udp_associate(
+    shared: &Shared,
+    config: &Config,
+    id: u64,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    n: &Negotiated,
+) -> Result<(), SessionError> {
+    let rules = config.rules.clone();
+    let user = n.user.clone();
+    let client_ip = peer.ip().to_canonical();
+    let check = move |dest: Dest<'_>| {
+        let info = RequestInfo { client: client_ip, user: user.as_deref(), command: acl::Command::UdpAssociate, version: 5, dest };
+        rules.check_request(&info).action == Action::Pass
+    };
+    let rules2 = config.rules.clone();
+    let user2 = n.user.clone();
+    let check_name = move |host: &str, port: u16| {
+        let info = RequestInfo { client: client_ip, user: user2.as_deref(), command: acl::Command::UdpAssociate, version: 5, dest: Dest::Name(host, port) };
+        rules2.check_name(&info).is_none_or(|v| v.action == Action::Pass)
+    };
+    let allow = move |a: SocketAddr| check(Dest::Ip(a.ip().to_canonical(), a.port()));
+    let policy = udp::UdpPolicy { metrics: &shared.metrics, allow: &allow, allow_name: &check_name, idle: config.timeouts.udp_idle };
+    let started = Instant::now();
+    match udp::associate(client, &n.address, &policy).await {
+        Ok(o) => {
+            tracing::info!(
+                session = id, client = %peer, relay = %o.relay_addr, user = n.user.as_deref().unwrap_or("-"),
+                up_datagrams = o.up_datagrams, up = o.up_bytes, down_datagrams = o.down_datagrams, down = o.down_bytes,
+                secs = started.elapsed().as_secs_f64(), end = o.end, "UDP association closed"
+            );
+            Ok(())
+        }
+        Err(e) => Err(SessionError::Io { context: "UDP association", source: e }),
+    }
 }
 
 /// The RFC 1928 reply code for a connect error.
@@ -253,9 +664,6 @@ pub fn reply_for(e: &io::Error) -> Reply {
         _ => Reply::GeneralFailure,
     }
 }
-
-/// How long a refused client waits before the next accept after an accept error.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {

@@ -34,7 +34,7 @@ impl Server {
         .unwrap();
         config.data_path = path;
         let (tx, rx) = oneshot::channel::<()>();
-        let opts = RunOptions { addr_file: Some(addr_file.clone()) };
+        let opts = RunOptions { addr_file: Some(addr_file.clone()), ..Default::default() };
         let task = tokio::spawn(ebsocks::run(config, opts, async move {
             let _ = rx.await;
         }));
@@ -130,8 +130,8 @@ async fn malformed_messages_get_rfc_replies_and_a_close() {
         (&[5, 1, 0, 5, 9, 0, 1, 127, 0, 0, 1, 0, 80], &[5, 0, 5, 7, 0, 1, 0, 0, 0, 0, 0, 0]),
         // Unknown address type 9.
         (&[5, 1, 0, 5, 1, 0, 9, 1, 2, 3], &[5, 0, 5, 8, 0, 1, 0, 0, 0, 0, 0, 0]),
-        // BIND is not served yet.
-        (&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80], &[5, 0, 5, 7, 0, 1, 0, 0, 0, 0, 0, 0]),
+        // SOCKS4 with an unknown command: request rejected (91).
+        (&[4, 9, 0, 80, 127, 0, 0, 1, 0], &[0, 91, 0, 0, 0, 0, 0, 0]),
     ];
     for (sent, want) in cases {
         let mut c = TcpStream::connect(server.addr).await.unwrap();

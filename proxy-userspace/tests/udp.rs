@@ -62,13 +62,25 @@ struct Assoc {
 impl Assoc {
     async fn open(ip: IpAddr, opts: Opts) -> Self {
         let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
-        let mut control = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut control = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
         let metrics = Arc::new(Metrics::default());
         let m = metrics.clone();
-        let Opts { allow, allow_name, idle, requested } = opts;
+        let Opts {
+            allow,
+            allow_name,
+            idle,
+            requested,
+        } = opts;
         let task = tokio::spawn(async move {
-            let policy = UdpPolicy { metrics: &m, allow: &*allow, allow_name: &*allow_name, idle };
+            let policy = UdpPolicy {
+                metrics: &m,
+                allow: &*allow,
+                allow_name: &*allow_name,
+                idle,
+            };
             associate(&mut server, &requested, &policy).await
         });
         let mut buf = Vec::new();
@@ -88,18 +100,38 @@ impl Assoc {
         .await
         .expect("no reply");
         assert_eq!(response.reply, Reply::Succeeded);
-        let Address::Ip(relay) = response.address else { panic!("BND is not an IP: {:?}", response.address) };
-        assert_eq!(relay.ip(), ip, "relay bound on the control connection's local IP");
+        let Address::Ip(relay) = response.address else {
+            panic!("BND is not an IP: {:?}", response.address)
+        };
+        assert_eq!(
+            relay.ip(),
+            ip,
+            "relay bound on the control connection's local IP"
+        );
         assert_ne!(relay.port(), 0);
         assert_eq!(metrics.get(Counter::UdpAssociationsActive), 1);
-        Self { control, relay, task, metrics }
+        Self {
+            control,
+            relay,
+            task,
+            metrics,
+        }
     }
 
     /// Closes the control connection and returns the outcome.
     async fn close(self) -> (UdpOutcome, Arc<Metrics>) {
-        let Self { control, task, metrics, .. } = self;
+        let Self {
+            control,
+            task,
+            metrics,
+            ..
+        } = self;
         drop(control);
-        let outcome = timeout(T, task).await.expect("associate did not end").unwrap().unwrap();
+        let outcome = timeout(T, task)
+            .await
+            .expect("associate did not end")
+            .unwrap()
+            .unwrap();
         assert_eq!(outcome.end, END_CONTROL_CLOSED);
         assert_eq!(metrics.get(Counter::UdpAssociationsActive), 0);
         assert_eq!(metrics.get(Counter::UdpAssociationsTotal), 1);
@@ -154,15 +186,27 @@ fn datagram(frag: u8, to: Address, payload: &[u8]) -> Vec<u8> {
 /// Receives one datagram through the relay: its SOCKS source address and payload.
 async fn recv(sock: &UdpSocket, within: Duration) -> Option<(Address, Vec<u8>)> {
     let mut buf = vec![0u8; 70_000];
-    let (n, _) = timeout(within, sock.recv_from(&mut buf)).await.ok()?.unwrap();
+    let (n, _) = timeout(within, sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
     let (header, used) = UdpHeader::decode(&buf[..n]).expect("relay sent a bad header");
     assert_eq!(header.frag, 0);
     Some((header.address, buf[used..n].to_vec()))
 }
 
-async fn round_trip(sock: &UdpSocket, relay: SocketAddr, to: Address, payload: &[u8]) -> (Address, Vec<u8>) {
-    sock.send_to(&datagram(0, to.clone(), payload), relay).await.unwrap();
-    recv(sock, T).await.unwrap_or_else(|| panic!("no echo from {to} through the relay"))
+async fn round_trip(
+    sock: &UdpSocket,
+    relay: SocketAddr,
+    to: Address,
+    payload: &[u8],
+) -> (Address, Vec<u8>) {
+    sock.send_to(&datagram(0, to.clone(), payload), relay)
+        .await
+        .unwrap();
+    recv(sock, T)
+        .await
+        .unwrap_or_else(|| panic!("no echo from {to} through the relay"))
 }
 
 fn v4() -> IpAddr {
@@ -190,8 +234,21 @@ async fn ipv4_literal_round_trip() {
     assert_eq!(from, Address::Ip(target));
     assert_eq!(data, b"hello");
     let (out, m) = a.close().await;
-    assert_eq!((out.up_datagrams, out.up_bytes, out.down_datagrams, out.down_bytes), (1, 5, 1, 5));
-    for c in [Counter::UdpDroppedForeign, Counter::UdpDroppedMalformed, Counter::UdpDroppedFrag, Counter::UdpDroppedBlocked] {
+    assert_eq!(
+        (
+            out.up_datagrams,
+            out.up_bytes,
+            out.down_datagrams,
+            out.down_bytes
+        ),
+        (1, 5, 1, 5)
+    );
+    for c in [
+        Counter::UdpDroppedForeign,
+        Counter::UdpDroppedMalformed,
+        Counter::UdpDroppedFrag,
+        Counter::UdpDroppedBlocked,
+    ] {
         assert_eq!(m.get(c), 0, "{c:?}");
     }
 }
@@ -210,12 +267,18 @@ async fn ipv6_literal_and_dual_stack() {
     // The IPv6 association's socket is dual-stack: an IPv4 target works, and its replies
     // carry an IPv4 source (ATYP 1), not an IPv4-mapped one.
     let (from, data) = round_trip(&c, a.relay, Address::Ip(target4), b"four").await;
-    assert_eq!((from, data.as_slice()), (Address::Ip(target4), &b"four"[..]));
+    assert_eq!(
+        (from, data.as_slice()),
+        (Address::Ip(target4), &b"four"[..])
+    );
     // An IPv4-mapped destination is the IPv4 target too.
-    let mapped = SocketAddr::new(IpAddr::V6(match target4.ip() {
-        IpAddr::V4(ip) => ip.to_ipv6_mapped(),
-        IpAddr::V6(_) => unreachable!(),
-    }), target4.port());
+    let mapped = SocketAddr::new(
+        IpAddr::V6(match target4.ip() {
+            IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+            IpAddr::V6(_) => unreachable!(),
+        }),
+        target4.port(),
+    );
     let (from, _) = round_trip(&c, a.relay, Address::Ip(mapped), b"mapped").await;
     assert_eq!(from, Address::Ip(target4));
     let (out, _) = a.close().await;
@@ -231,7 +294,9 @@ async fn ipv4_association_drops_ipv6_targets() {
     let target4 = echo(v4()).await;
     let a = Assoc::open(v4(), Opts::default()).await;
     let c = client(v4()).await;
-    c.send_to(&datagram(0, Address::Ip(target6), b"x"), a.relay).await.unwrap();
+    c.send_to(&datagram(0, Address::Ip(target6), b"x"), a.relay)
+        .await
+        .unwrap();
     round_trip(&c, a.relay, Address::Ip(target4), b"after").await;
     assert_eq!(a.metrics.get(Counter::UdpDroppedBlocked), 1);
     assert!(recv(&c, QUIET).await.is_none());
@@ -245,8 +310,18 @@ async fn domain_destination() {
     let c = client(v4()).await;
     // The first datagram waits for the lookup; the next ones use the cache.
     for i in 0..5u8 {
-        let (from, data) = round_trip(&c, a.relay, Address::Domain("localhost".into(), target.port()), &[i; 3]).await;
-        assert_eq!(from, Address::Ip(target), "replies carry the IP the name resolved to");
+        let (from, data) = round_trip(
+            &c,
+            a.relay,
+            Address::Domain("localhost".into(), target.port()),
+            &[i; 3],
+        )
+        .await;
+        assert_eq!(
+            from,
+            Address::Ip(target),
+            "replies carry the IP the name resolved to"
+        );
         assert_eq!(data, [i; 3]);
     }
     let (out, m) = a.close().await;
@@ -257,10 +332,18 @@ async fn domain_destination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domain_refused_by_name_rule() {
     let target = echo(v4()).await;
-    let opts = Opts { allow_name: Arc::new(|name, _| name != "localhost"), ..Opts::default() };
+    let opts = Opts {
+        allow_name: Arc::new(|name, _| name != "localhost"),
+        ..Opts::default()
+    };
     let a = Assoc::open(v4(), opts).await;
     let c = client(v4()).await;
-    c.send_to(&datagram(0, Address::Domain("localhost".into(), target.port()), b"x"), a.relay).await.unwrap();
+    c.send_to(
+        &datagram(0, Address::Domain("localhost".into(), target.port()), b"x"),
+        a.relay,
+    )
+    .await
+    .unwrap();
     round_trip(&c, a.relay, Address::Ip(target), b"after").await;
     assert!(recv(&c, QUIET).await.is_none());
     assert_eq!(a.metrics.get(Counter::UdpDroppedBlocked), 1);
@@ -272,7 +355,9 @@ async fn frag_dropped_and_counted() {
     let target = echo(v4()).await;
     let a = Assoc::open(v4(), Opts::default()).await;
     let c = client(v4()).await;
-    c.send_to(&datagram(1, Address::Ip(target), b"fragment"), a.relay).await.unwrap();
+    c.send_to(&datagram(1, Address::Ip(target), b"fragment"), a.relay)
+        .await
+        .unwrap();
     // Datagrams from one socket are handled in order: once this one is back, the first was seen.
     let (_, data) = round_trip(&c, a.relay, Address::Ip(target), b"whole").await;
     assert_eq!(data, b"whole");
@@ -287,7 +372,12 @@ async fn malformed_dropped_and_counted() {
     let target = echo(v4()).await;
     let a = Assoc::open(v4(), Opts::default()).await;
     let c = client(v4()).await;
-    for bad in [&b"\x00\x00"[..], b"\x00\x00\x00\x09junk", b"\x00\x00\x00\x01\x7f\x00", b""] {
+    for bad in [
+        &b"\x00\x00"[..],
+        b"\x00\x00\x00\x09junk",
+        b"\x00\x00\x00\x01\x7f\x00",
+        b"",
+    ] {
         c.send_to(bad, a.relay).await.unwrap();
     }
     round_trip(&c, a.relay, Address::Ip(target), b"fine").await;
@@ -305,9 +395,18 @@ async fn foreign_source_dropped_and_counted() {
     // Same IP, another port, never a destination of the client.
     let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     stranger.send_to(b"unsolicited", a.relay).await.unwrap();
-    stranger.send_to(&datagram(0, Address::Ip(target), b"spoofed request"), a.relay).await.unwrap();
+    stranger
+        .send_to(
+            &datagram(0, Address::Ip(target), b"spoofed request"),
+            a.relay,
+        )
+        .await
+        .unwrap();
     round_trip(&c, a.relay, Address::Ip(target), b"second").await;
-    assert!(recv(&c, QUIET).await.is_none(), "a foreign datagram reached the client");
+    assert!(
+        recv(&c, QUIET).await.is_none(),
+        "a foreign datagram reached the client"
+    );
     assert_eq!(a.metrics.get(Counter::UdpDroppedForeign), 2);
     let (out, _) = a.close().await;
     assert_eq!((out.up_datagrams, out.down_datagrams), (2, 2));
@@ -318,11 +417,17 @@ async fn pinned_client_port() {
     let target = echo(v4()).await;
     let c = client(v4()).await;
     let pinned = c.local_addr().unwrap();
-    let opts = Opts { requested: Address::Ip(SocketAddr::new("0.0.0.0".parse().unwrap(), pinned.port())), ..Opts::default() };
+    let opts = Opts {
+        requested: Address::Ip(SocketAddr::new("0.0.0.0".parse().unwrap(), pinned.port())),
+        ..Opts::default()
+    };
     let a = Assoc::open(v4(), opts).await;
     // Another socket of the client's IP sends first: it is not the client.
     let other = client(v4()).await;
-    other.send_to(&datagram(0, Address::Ip(target), b"not me"), a.relay).await.unwrap();
+    other
+        .send_to(&datagram(0, Address::Ip(target), b"not me"), a.relay)
+        .await
+        .unwrap();
     round_trip(&c, a.relay, Address::Ip(target), b"me").await;
     assert!(recv(&other, QUIET).await.is_none());
     assert_eq!(a.metrics.get(Counter::UdpDroppedForeign), 1);
@@ -333,10 +438,15 @@ async fn pinned_client_port() {
 async fn rule_refusal_dropped_and_counted() {
     let allowed = echo(v4()).await;
     let refused = echo(v4()).await;
-    let opts = Opts { allow: Arc::new(move |a| a != refused), ..Opts::default() };
+    let opts = Opts {
+        allow: Arc::new(move |a| a != refused),
+        ..Opts::default()
+    };
     let a = Assoc::open(v4(), opts).await;
     let c = client(v4()).await;
-    c.send_to(&datagram(0, Address::Ip(refused), b"no"), a.relay).await.unwrap();
+    c.send_to(&datagram(0, Address::Ip(refused), b"no"), a.relay)
+        .await
+        .unwrap();
     round_trip(&c, a.relay, Address::Ip(allowed), b"yes").await;
     assert!(recv(&c, QUIET).await.is_none());
     assert_eq!(a.metrics.get(Counter::UdpDroppedBlocked), 1);
@@ -353,13 +463,23 @@ async fn control_close_ends_the_association() {
     let relay = a.relay;
     let started = std::time::Instant::now();
     a.close().await;
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
     // The relay port is closed: the kernel answers with port unreachable.
     let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     probe.connect(relay).await.unwrap();
-    probe.send(&datagram(0, Address::Ip(target), b"late")).await.unwrap();
+    probe
+        .send(&datagram(0, Address::Ip(target), b"late"))
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
-    let err = timeout(T, probe.recv(&mut buf)).await.expect("no answer from the closed port").unwrap_err();
+    let err = timeout(T, probe.recv(&mut buf))
+        .await
+        .expect("no answer from the closed port")
+        .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
 }
 
@@ -378,7 +498,14 @@ async fn bytes_on_control_are_ignored() {
 async fn idle_timeout_ends_the_association() {
     let target = echo(v4()).await;
     let idle = Duration::from_millis(300);
-    let a = Assoc::open(v4(), Opts { idle, ..Opts::default() }).await;
+    let a = Assoc::open(
+        v4(),
+        Opts {
+            idle,
+            ..Opts::default()
+        },
+    )
+    .await;
     let c = client(v4()).await;
     // Traffic keeps it open past the idle time...
     for _ in 0..8 {
@@ -388,10 +515,23 @@ async fn idle_timeout_ends_the_association() {
     assert!(!a.task.is_finished(), "ended while in use");
     // ...and silence ends it.
     let started = std::time::Instant::now();
-    let Assoc { control, task, metrics, .. } = a;
-    let out = timeout(T, task).await.expect("idle association did not end").unwrap().unwrap();
+    let Assoc {
+        control,
+        task,
+        metrics,
+        ..
+    } = a;
+    let out = timeout(T, task)
+        .await
+        .expect("idle association did not end")
+        .unwrap()
+        .unwrap();
     assert_eq!(out.end, END_IDLE);
-    assert!(started.elapsed() < idle + Duration::from_millis(500), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < idle + Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(out.up_datagrams, 8);
     assert_eq!(metrics.get(Counter::UdpAssociationsActive), 0);
     drop(control);
@@ -414,7 +554,9 @@ async fn burst_of_ten_thousand() {
     while seen.len() < COUNT as usize {
         while sent < COUNT && sent - seen.len() as u32 <= WINDOW {
             payload[..4].copy_from_slice(&sent.to_be_bytes());
-            c.send_to(&datagram(0, Address::Ip(target), &payload), a.relay).await.unwrap();
+            c.send_to(&datagram(0, Address::Ip(target), &payload), a.relay)
+                .await
+                .unwrap();
             sent += 1;
         }
         let n = match timeout(Duration::from_secs(2), c.recv(&mut buf)).await {
@@ -428,14 +570,27 @@ async fn burst_of_ten_thousand() {
         assert!(buf[used + 4..n].iter().all(|&b| b == 0xA5));
         assert!(seen.insert(seq), "datagram {seq} twice");
     }
-    eprintln!("{COUNT} round trips of {SIZE} bytes in {:?}", started.elapsed());
+    eprintln!(
+        "{COUNT} round trips of {SIZE} bytes in {:?}",
+        started.elapsed()
+    );
     let (out, m) = a.close().await;
     let bytes = u64::from(COUNT) * SIZE as u64;
     assert_eq!(
-        (out.up_datagrams, out.up_bytes, out.down_datagrams, out.down_bytes),
+        (
+            out.up_datagrams,
+            out.up_bytes,
+            out.down_datagrams,
+            out.down_bytes
+        ),
         (u64::from(COUNT), bytes, u64::from(COUNT), bytes)
     );
-    for c in [Counter::UdpDroppedForeign, Counter::UdpDroppedMalformed, Counter::UdpDroppedFrag, Counter::UdpDroppedBlocked] {
+    for c in [
+        Counter::UdpDroppedForeign,
+        Counter::UdpDroppedMalformed,
+        Counter::UdpDroppedFrag,
+        Counter::UdpDroppedBlocked,
+    ] {
         assert_eq!(m.get(c), 0, "{c:?}");
     }
 }
@@ -454,27 +609,4 @@ async fn large_datagrams_intact() {
     }
     let (out, _) = a.close().await;
     assert_eq!((out.up_bytes, out.down_bytes), (66_400, 66_400));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn tmp_blast() {
-    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    set_buffers(&sink);
-    let target = sink.local_addr().unwrap();
-    let counter = tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        let mut n = 0u64;
-        while let Ok(Ok(_)) = timeout(Duration::from_millis(500), sink.recv_from(&mut buf)).await { n += 1; }
-        n
-    });
-    let a = Assoc::open(v4(), Opts::default()).await;
-    let c = client(v4()).await;
-    let d = datagram(0, Address::Ip(target), &[7u8; 512]);
-    let started = std::time::Instant::now();
-    for _ in 0..200_000 { c.send_to(&d, a.relay).await.unwrap(); }
-    let got = counter.await.unwrap();
-    eprintln!("sent 200000 in {:?}, sink got {got}", started.elapsed());
-    let (out, _) = a.close().await;
-    eprintln!("{out:?}");
 }

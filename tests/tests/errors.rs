@@ -76,8 +76,6 @@ async fn connect_to_refused_port_replies_05() {
 /// Commands the daemon does not serve. The expected codes are in the cases:
 /// change a case when the daemon gains that command (UDP ASSOCIATE, say).
 #[rstest]
-#[case::bind(socks::CMD_BIND, socks::REP_COMMAND_NOT_SUPPORTED)]
-#[case::udp_associate(socks::CMD_UDP_ASSOCIATE, socks::REP_COMMAND_NOT_SUPPORTED)]
 #[case::unknown(0x7f, socks::REP_COMMAND_NOT_SUPPORTED)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_command(#[case] cmd: u8, #[case] expected: u8) {

@@ -1,6 +1,10 @@
 //! The last-resort path: read into a userspace buffer, write it out.
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
 
 use proxy_common::metrics::{DataPath, Direction};
 use tokio::{
@@ -11,31 +15,35 @@ use tokio::{
     },
 };
 
-use super::{End, Outcome};
+use super::{idle_watch, End, Outcome};
 use crate::{metrics::Metrics, sys, Shared};
 
 /// Buffer per direction; 64 KiB measured well ahead of 8 KiB on loopback.
 const BUF: usize = 64 * 1024;
 
 /// Copies both directions until both reach end of file, forwarding each half-close.
-pub async fn relay(shared: &Shared, mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
+pub async fn relay(shared: &Shared, mut client: TcpStream, mut upstream: TcpStream, idle: Duration) -> Outcome {
     let _active = shared.metrics.relaying(DataPath::Copy);
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let mut up = 0;
-    let mut down = 0;
-    let res = tokio::try_join!(
-        one_way(&mut cr, &mut uw, &shared.metrics, Direction::Up, &mut up),
-        one_way(&mut ur, &mut cw, &shared.metrics, Direction::Down, &mut down),
-    );
-    let end = match res {
-        Ok(_) => End::Eof,
-        Err(e) => {
-            abort(&client, &upstream);
-            End::Error(e)
-        }
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let end = tokio::select! {
+        res = async {
+            tokio::try_join!(
+                one_way(&mut cr, &mut uw, &shared.metrics, Direction::Up, &up),
+                one_way(&mut ur, &mut cw, &shared.metrics, Direction::Down, &down),
+            )
+        } => match res {
+            Ok(_) => End::Eof,
+            Err(e) => End::Error(e),
+        },
+        () = idle_watch(idle, || up.load(Relaxed) + down.load(Relaxed)) => End::Idle,
     };
-    Outcome { path: DataPath::Copy, up, down, end }
+    if matches!(end, End::Error(_)) {
+        abort(&client, &upstream);
+    }
+    Outcome { path: DataPath::Copy, up: up.into_inner(), down: down.into_inner(), end }
 }
 
 /// Resets both sockets so that each peer learns the session failed.
@@ -50,7 +58,7 @@ async fn one_way(
     to: &mut WriteHalf<'_>,
     metrics: &Metrics,
     dir: Direction,
-    total: &mut u64,
+    total: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; BUF];
     loop {
@@ -60,7 +68,7 @@ async fn one_way(
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
-        *total += n as u64;
+        total.fetch_add(n as u64, Relaxed);
         metrics.add_traffic(DataPath::Copy, dir, n as u64);
     }
 }

@@ -7,12 +7,15 @@ pub mod sockmap;
 pub mod splice;
 pub mod watch;
 
-use std::io;
+use std::{
+    io,
+    time::{Duration, Instant},
+};
 
 use proxy_common::metrics::{Counter, DataPath};
 use tokio::net::TcpStream;
 
-use crate::{config::DataPathMode, Shared};
+use crate::{config::DataPathMode, Config, Shared};
 
 /// What a finished relay did.
 #[derive(Debug)]
@@ -34,6 +37,8 @@ pub enum End {
     Eof,
     /// A socket error (reset, timeout) ended the session; the other side was reset too.
     Error(io::Error),
+    /// No payload in either direction for `timeouts.idle`.
+    Idle,
     /// The daemon is shutting down.
     Shutdown,
 }
@@ -52,15 +57,17 @@ pub struct Consumed {
 /// Relays until both directions are closed, on the configured path, falling back per session.
 pub async fn relay(
     shared: &Shared,
+    config: &Config,
     session_id: u64,
     client: TcpStream,
     upstream: TcpStream,
     consumed: Consumed,
 ) -> Outcome {
-    let want_sockmap = matches!(shared.config.data_path, DataPathMode::Auto | DataPathMode::Sockmap);
+    let want_sockmap = matches!(config.data_path, DataPathMode::Auto | DataPathMode::Sockmap);
+    let idle = config.timeouts.idle;
     let (client, upstream) = match (want_sockmap, shared.sockmap()) {
         (true, Some(sm)) => {
-            match sockmap::relay(shared, sm, session_id, client, upstream, consumed).await {
+            match sockmap::relay(shared, sm, session_id, client, upstream, consumed, idle).await {
                 Ok(outcome) => return outcome,
                 Err(fallback) => {
                     shared.metrics.inc(Counter::SessionsFallback);
@@ -71,14 +78,32 @@ pub async fn relay(
         }
         _ => (client, upstream),
     };
-    let path = if shared.config.data_path == DataPathMode::Copy { DataPath::Copy } else { DataPath::Splice };
+    let path = if config.data_path == DataPathMode::Copy { DataPath::Copy } else { DataPath::Splice };
     if consumed.forwarded > 0 {
         shared.metrics.add_traffic(path, proxy_common::metrics::Direction::Up, consumed.forwarded);
     }
     let mut outcome = match path {
-        DataPath::Copy => copy::relay(shared, client, upstream).await,
-        _ => splice::relay(shared, client, upstream).await,
+        DataPath::Copy => copy::relay(shared, client, upstream, idle).await,
+        _ => splice::relay(shared, client, upstream, idle).await,
     };
     outcome.up += consumed.forwarded;
     outcome
+}
+
+/// Resolves once `activity()` (a byte count) has not changed for `idle`. Checks a few times per
+/// idle period, so an idle session costs a timer wake-up every `idle / 4`, not per byte.
+pub async fn idle_watch(idle: Duration, activity: impl Fn() -> u64) {
+    let tick = (idle / 4).max(Duration::from_millis(100));
+    let mut last = activity();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = activity();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= idle {
+            return;
+        }
+    }
 }

@@ -57,6 +57,7 @@ pub async fn relay(
     client: TcpStream,
     mut upstream: TcpStream,
     consumed: Consumed,
+    idle: Duration,
 ) -> Result<Outcome, Fallback> {
     // The verdict reads whole skbs from the receive queue and ignores how much of a partially
     // read skb the daemon already consumed: a payload that arrived in the same segment as the
@@ -118,13 +119,21 @@ pub async fn relay(
                     copy_rest(shared, &upstream, &uw, &client).await
                 }
             };
-            tokio::try_join!(up, down).map(drop)
+            // Idle time is judged on the kernel's per-socket counters.
+            let activity = || {
+                let bytes = |cookie| sm.traffic(cookie).map_or(0, |t| t.bytes);
+                bytes(pair.client_cookie) + bytes(pair.upstream_cookie)
+            };
+            tokio::select! {
+                r = async { tokio::try_join!(up, down) } => r.map(|_| End::Eof),
+                () = super::idle_watch(idle, activity) => Ok(End::Idle),
+            }
         }
         Err(e) => Err(e),
     };
     let (up, down) = sm.finish(&pair);
     let end = match res {
-        Ok(()) => End::Eof,
+        Ok(end) => end,
         Err(e) => {
             let _ = sys::set_linger_zero(client.as_fd());
             let _ = sys::set_linger_zero(upstream.as_fd());

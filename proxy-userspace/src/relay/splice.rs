@@ -4,13 +4,17 @@
 use std::{
     io,
     os::fd::{AsFd, OwnedFd},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Mutex,
+    },
+    time::Duration,
 };
 
 use proxy_common::metrics::{DataPath, Direction};
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{copy::abort, End, Outcome};
+use super::{copy::abort, idle_watch, End, Outcome};
 use crate::{metrics::Metrics, sys, Shared};
 
 /// Pipe size requested per direction. Larger pipes mean fewer syscalls per byte.
@@ -54,22 +58,26 @@ impl PipePool {
 }
 
 /// Relays both directions with splice(2) until both reach end of file.
-pub async fn relay(shared: &Shared, client: TcpStream, upstream: TcpStream) -> Outcome {
+pub async fn relay(shared: &Shared, client: TcpStream, upstream: TcpStream, idle: Duration) -> Outcome {
     let _active = shared.metrics.relaying(DataPath::Splice);
-    let mut up = 0;
-    let mut down = 0;
-    let res = tokio::try_join!(
-        one_way(&client, &upstream, &shared.pipes, &shared.metrics, Direction::Up, &mut up),
-        one_way(&upstream, &client, &shared.pipes, &shared.metrics, Direction::Down, &mut down),
-    );
-    let end = match res {
-        Ok(_) => End::Eof,
-        Err(e) => {
-            abort(&client, &upstream);
-            End::Error(e)
-        }
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let end = tokio::select! {
+        res = async {
+            tokio::try_join!(
+                one_way(&client, &upstream, &shared.pipes, &shared.metrics, Direction::Up, &up),
+                one_way(&upstream, &client, &shared.pipes, &shared.metrics, Direction::Down, &down),
+            )
+        } => match res {
+            Ok(_) => End::Eof,
+            Err(e) => End::Error(e),
+        },
+        () = idle_watch(idle, || up.load(Relaxed) + down.load(Relaxed)) => End::Idle,
     };
-    Outcome { path: DataPath::Splice, up, down, end }
+    if matches!(end, End::Error(_)) {
+        abort(&client, &upstream);
+    }
+    Outcome { path: DataPath::Splice, up: up.into_inner(), down: down.into_inner(), end }
 }
 
 async fn one_way(
@@ -78,7 +86,7 @@ async fn one_way(
     pool: &PipePool,
     metrics: &Metrics,
     dir: Direction,
-    total: &mut u64,
+    total: &AtomicU64,
 ) -> io::Result<()> {
     let pipe = pool.get()?;
     loop {
@@ -102,7 +110,7 @@ async fn one_way(
                 Err(e) => return Err(e),
             }
         }
-        *total += n as u64;
+        total.fetch_add(n as u64, Relaxed);
         metrics.add_traffic(DataPath::Splice, dir, n as u64);
     }
 }

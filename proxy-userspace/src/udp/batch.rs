@@ -47,7 +47,12 @@ fn zeroed_storage() -> libc::sockaddr_storage {
     unsafe { mem::zeroed() }
 }
 
-fn set_int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int_opt(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` is a readable c_int and the length says so.
     cvt(unsafe {
         libc::setsockopt(
@@ -72,7 +77,13 @@ pub fn bind_relay(local: IpAddr) -> io::Result<(UdpSocket, bool)> {
     let v6 = local.is_ipv6();
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain socket(2) call; the result is checked.
-    let raw = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    let raw = cvt(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
     // SAFETY: `raw` is a fresh descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     if v6 {
@@ -81,7 +92,11 @@ pub fn bind_relay(local: IpAddr) -> io::Result<(UdpSocket, bool)> {
     // Best effort: a smaller buffer only means more drops under a burst.
     let _ = set_int_opt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUF);
     let _ = set_int_opt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, SOCKET_BUF);
-    let bind_to = if v6 { SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0) } else { SocketAddr::new(local, 0) };
+    let bind_to = if v6 {
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)
+    } else {
+        SocketAddr::new(local, 0)
+    };
     let mut storage = zeroed_storage();
     let len = write_sockaddr(bind_to, v6, &mut storage);
     // SAFETY: `storage` holds a sockaddr of `len` bytes.
@@ -91,7 +106,11 @@ pub fn bind_relay(local: IpAddr) -> io::Result<(UdpSocket, bool)> {
 
 /// Writes `addr` into `out` in the form a socket of the relay's family takes: an IPv4 address
 /// becomes IPv4-mapped on an IPv6 socket. Returns the length to pass to the kernel.
-pub fn write_sockaddr(addr: SocketAddr, v6_socket: bool, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+pub fn write_sockaddr(
+    addr: SocketAddr,
+    v6_socket: bool,
+    out: &mut libc::sockaddr_storage,
+) -> libc::socklen_t {
     let v6 = match (addr, v6_socket) {
         (SocketAddr::V4(a), false) => {
             // SAFETY: plain integers; all-zero is valid.
@@ -127,7 +146,10 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> 
             // SAFETY: the kernel wrote a sockaddr_in; storage is aligned for it.
             let sin = unsafe { &*(&raw const *storage).cast::<libc::sockaddr_in>() };
             let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 if len >= mem::size_of::<libc::sockaddr_in6>() => {
             // SAFETY: the kernel wrote a sockaddr_in6; storage is aligned for it.
@@ -136,7 +158,12 @@ pub fn read_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> 
             let port = u16::from_be(sin6.sin6_port);
             Some(match ip.to_ipv4_mapped() {
                 Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
-                None => SocketAddr::V6(SocketAddrV6::new(ip, port, sin6.sin6_flowinfo, sin6.sin6_scope_id)),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    port,
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )),
             })
         }
         _ => None,
@@ -173,7 +200,8 @@ impl SlotMemory {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr = ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self { ptr, len })
     }
 
@@ -242,7 +270,15 @@ impl RecvBatch {
         // SAFETY: every mmsghdr points at a live iovec over its own slot and at its own
         // sockaddr_storage; the kernel writes at most the lengths given. Nothing else touches
         // those buffers during the call.
-        let n = unsafe { libc::recvmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as libc::c_uint, 0, ptr::null_mut()) };
+        let n = unsafe {
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                0,
+                ptr::null_mut(),
+            )
+        };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
         for (i, msg) in msgs.iter().enumerate().take(n.min(BATCH)) {
             self.lens[i] = (msg.msg_len as usize).min(SLOT);
@@ -386,7 +422,8 @@ impl SendBatch {
         }
         // SAFETY: each of the `count` mmsghdrs points at two live iovecs over bytes borrowed
         // for the call and at its destination address; sendmmsg only reads them.
-        let n = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), count as libc::c_uint, 0) };
+        let n =
+            unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), count as libc::c_uint, 0) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
@@ -398,15 +435,34 @@ mod tests {
     #[test]
     fn sockaddr_round_trips() {
         let cases: [(SocketAddr, bool, SocketAddr); 4] = [
-            ("192.0.2.1:53".parse().unwrap(), false, "192.0.2.1:53".parse().unwrap()),
-            ("192.0.2.1:53".parse().unwrap(), true, "192.0.2.1:53".parse().unwrap()),
-            ("[2001:db8::1]:443".parse().unwrap(), true, "[2001:db8::1]:443".parse().unwrap()),
-            ("[::ffff:10.0.0.1]:9".parse().unwrap(), true, "10.0.0.1:9".parse().unwrap()),
+            (
+                "192.0.2.1:53".parse().unwrap(),
+                false,
+                "192.0.2.1:53".parse().unwrap(),
+            ),
+            (
+                "192.0.2.1:53".parse().unwrap(),
+                true,
+                "192.0.2.1:53".parse().unwrap(),
+            ),
+            (
+                "[2001:db8::1]:443".parse().unwrap(),
+                true,
+                "[2001:db8::1]:443".parse().unwrap(),
+            ),
+            (
+                "[::ffff:10.0.0.1]:9".parse().unwrap(),
+                true,
+                "10.0.0.1:9".parse().unwrap(),
+            ),
         ];
         for (addr, v6, expect) in cases {
             let mut s = zeroed_storage();
             let len = write_sockaddr(addr, v6, &mut s);
-            assert_eq!(libc::c_int::from(s.ss_family), if v6 { libc::AF_INET6 } else { libc::AF_INET });
+            assert_eq!(
+                libc::c_int::from(s.ss_family),
+                if v6 { libc::AF_INET6 } else { libc::AF_INET }
+            );
             assert_eq!(read_sockaddr(&s, len), Some(expect), "{addr} on v6={v6}");
         }
         assert_eq!(read_sockaddr(&zeroed_storage(), 128), None);
@@ -415,16 +471,49 @@ mod tests {
     #[test]
     fn reply_header_fits() {
         let mut b = SendBatch::new();
-        let h = UdpHeader { frag: 0, address: proxy_socks5::Address::Ip("[2001:db8::1]:65535".parse().unwrap()) };
-        assert!(b.push("127.0.0.1:1".parse().unwrap(), false, Some(&h), 0..0, Direction::Down));
+        let h = UdpHeader {
+            frag: 0,
+            address: proxy_socks5::Address::Ip("[2001:db8::1]:65535".parse().unwrap()),
+        };
+        assert!(b.push(
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            Some(&h),
+            0..0,
+            Direction::Down
+        ));
         assert_eq!(b.header_lens[0], MAX_REPLY_HEADER);
         let (decoded, used) = UdpHeader::decode(&b.headers[0]).unwrap();
         assert_eq!((decoded, used), (h, MAX_REPLY_HEADER));
-        let long = UdpHeader { frag: 0, address: proxy_socks5::Address::Domain("a-name-longer-than-an-ipv6-address.example".into(), 1) };
-        assert!(!b.push("127.0.0.1:1".parse().unwrap(), false, Some(&long), 0..0, Direction::Down));
+        let long = UdpHeader {
+            frag: 0,
+            address: proxy_socks5::Address::Domain(
+                "a-name-longer-than-an-ipv6-address.example".into(),
+                1,
+            ),
+        };
+        assert!(!b.push(
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            Some(&long),
+            0..0,
+            Direction::Down
+        ));
         for _ in 1..BATCH {
-            assert!(b.push("127.0.0.1:1".parse().unwrap(), false, None, 0..0, Direction::Up));
+            assert!(b.push(
+                "127.0.0.1:1".parse().unwrap(),
+                false,
+                None,
+                0..0,
+                Direction::Up
+            ));
         }
-        assert!(!b.push("127.0.0.1:1".parse().unwrap(), false, None, 0..0, Direction::Up));
+        assert!(!b.push(
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            None,
+            0..0,
+            Direction::Up
+        ));
     }
 }

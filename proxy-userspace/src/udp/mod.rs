@@ -14,24 +14,24 @@
 //!   peer's is what a client behind NAT reports about itself, so it is ignored rather than
 //!   allowed to make every datagram foreign.
 //! - A datagram from any other source goes to the client only if the client has sent to that
-//!   address (the last [`table::MAX_TARGETS`] of them); anything else is dropped as foreign.
+//!   address (the last 4,096 of them); anything else is dropped as foreign.
 //! - FRAG != 0 is dropped (no reassembly), as RFC 1928 allows.
+//! - Names are resolved off the relay path, cached per association (60 s; failures 5 s), and
+//!   datagrams for a name being resolved wait in a small bounded queue. What overflows it
+//!   counts as blocked, like a name that does not resolve.
 //!
-//! Every dropped datagram is counted under one `UdpDropped*` counter; relayed payload goes to
-//! the UDP relay traffic slots.
+//! Every datagram the relay refuses is counted under one `UdpDropped*` counter; relayed payload
+//! goes to the UDP relay traffic slots. A datagram the kernel refuses to send (unreachable
+//! network, over the path's size limit) is logged at debug level only.
 //!
-//! The socket is read and written in batches ([`batch`]): recvmmsg(2) takes up to 32 datagrams,
-//! and they leave in one sendmmsg(2), payloads sent from where they were received.
+//! The socket is read and written in batches: one recvmmsg(2) takes up to 32 datagrams, and
+//! what is to be relayed leaves in one sendmmsg(2), each payload sent from the buffer it was
+//! received into.
 
 mod batch;
 mod table;
 
-use std::{
-    io,
-    net::SocketAddr,
-    os::fd::AsFd as _,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, os::fd::AsFd as _, time::Duration};
 
 use proxy_common::metrics::{Counter, Direction};
 use proxy_socks5::{Address, Reply, Response, UdpHeader};
@@ -108,23 +108,33 @@ pub const END_ERROR: &str = "error";
 ///
 /// Only before relaying starts: reading the control connection's addresses, binding the relay
 /// socket or mapping its buffers (nothing was written to `control`; the caller should send a
-/// failure reply), or writing the reply. Once relaying, a socket failure ends the association with [`END_ERROR`] in an
-/// `Ok` outcome, so the counts are not lost.
+/// failure reply), or writing the reply. Once relaying, a socket failure ends the association
+/// with [`END_ERROR`] in an `Ok` outcome, so the counts are not lost.
 ///
 /// Dropping the future ends the association at once (for daemon shutdown): the socket closes,
 /// pending name lookups are abandoned, and the gauge goes down.
-pub async fn associate(control: &mut TcpStream, requested: &Address, policy: &UdpPolicy<'_>) -> io::Result<UdpOutcome> {
+pub async fn associate(
+    control: &mut TcpStream,
+    requested: &Address,
+    policy: &UdpPolicy<'_>,
+) -> io::Result<UdpOutcome> {
     let local_ip = control.local_addr()?.ip().to_canonical();
     let peer_ip = control.peer_addr()?.ip().to_canonical();
     let (sock, v6) = batch::bind_relay(local_ip)?;
     let relay_addr = SocketAddr::new(local_ip, sock.local_addr()?.port());
     let rx = RecvBatch::new()?;
 
+    // Counted from before the reply, so that a client that has the relay address always finds
+    // its association in the gauge.
+    let _active = Active::start(policy.metrics);
     let mut reply = Vec::with_capacity(32);
-    Response { reply: Reply::Succeeded, address: Address::Ip(relay_addr) }.encode(&mut reply);
+    Response {
+        reply: Reply::Succeeded,
+        address: Address::Ip(relay_addr),
+    }
+    .encode(&mut reply);
     control.write_all(&reply).await?;
 
-    let _active = Active::start(policy.metrics);
     let mut relay = Relay {
         sock,
         v6,
@@ -138,8 +148,20 @@ pub async fn associate(control: &mut TcpStream, requested: &Address, policy: &Ud
         last_active: Instant::now(),
     };
     let end = relay.run(control).await;
-    let Totals { up_datagrams, up_bytes, down_datagrams, down_bytes } = relay.totals;
-    Ok(UdpOutcome { relay_addr, up_datagrams, up_bytes, down_datagrams, down_bytes, end })
+    let Totals {
+        up_datagrams,
+        up_bytes,
+        down_datagrams,
+        down_bytes,
+    } = relay.totals;
+    Ok(UdpOutcome {
+        relay_addr,
+        up_datagrams,
+        up_bytes,
+        down_datagrams,
+        down_bytes,
+        end,
+    })
 }
 
 /// Keeps the association counted in `UdpAssociationsActive`, on every way out.
@@ -182,12 +204,19 @@ struct Client {
 impl Client {
     fn new(peer_ip: std::net::IpAddr, requested: &Address) -> Self {
         let port = match requested {
-            Address::Ip(a) if a.port() != 0 && (a.ip().is_unspecified() || a.ip().to_canonical() == peer_ip) => {
+            Address::Ip(a)
+                if a.port() != 0
+                    && (a.ip().is_unspecified() || a.ip().to_canonical() == peer_ip) =>
+            {
                 Some(a.port())
             }
             _ => None,
         };
-        Self { ip: peer_ip, port, addr: None }
+        Self {
+            ip: peer_ip,
+            port,
+            addr: None,
+        }
     }
 
     /// Whether a datagram from `source` (kernel form; `k` is its [`key`]) is the client's.
@@ -217,7 +246,12 @@ fn sendable(dst: SocketAddr, v6_socket: bool) -> bool {
 }
 
 /// The first resolved address the socket can reach and the rules allow.
-fn choose(ips: &[std::net::IpAddr], port: u16, v6_socket: bool, policy: &UdpPolicy<'_>) -> Option<SocketAddr> {
+fn choose(
+    ips: &[std::net::IpAddr],
+    port: u16,
+    v6_socket: bool,
+    policy: &UdpPolicy<'_>,
+) -> Option<SocketAddr> {
     ips.iter()
         .map(|ip| SocketAddr::new(ip.to_canonical(), port))
         .find(|&a| sendable(a, v6_socket) && (policy.allow)(a))
@@ -280,7 +314,14 @@ impl Relay<'_, '_> {
             let Self { sock, rx, .. } = self;
             match sock.try_io(Interest::READABLE, || rx.recv(sock.as_fd())) {
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    return Ok(())
+                }
                 Err(e) => return Err(e),
             }
         };
@@ -293,7 +334,16 @@ impl Relay<'_, '_> {
     /// Decides the fate of received datagrams `0..n`: queued in `tx`, held for a lookup, or
     /// dropped and counted. True if any came from the client or a target.
     fn sort(&mut self, n: usize) -> bool {
-        let Self { v6, policy, client, targets, resolver, rx, tx, .. } = self;
+        let Self {
+            v6,
+            policy,
+            client,
+            targets,
+            resolver,
+            rx,
+            tx,
+            ..
+        } = self;
         let (v6, metrics) = (*v6, policy.metrics);
         let now = Instant::now();
         let mut active = false;
@@ -303,7 +353,11 @@ impl Relay<'_, '_> {
             if client.accept(k, source) {
                 active = true;
                 let data = rx.data(i);
-                let parsed = if rx.truncated(i) { None } else { UdpHeader::decode(data).ok() };
+                let parsed = if rx.truncated(i) {
+                    None
+                } else {
+                    UdpHeader::decode(data).ok()
+                };
                 let Some((header, header_len)) = parsed else {
                     metrics.inc(Counter::UdpDroppedMalformed);
                     continue;
@@ -325,7 +379,8 @@ impl Relay<'_, '_> {
                                 Cached::Hit(ips) => choose(ips, port, v6, policy),
                                 Cached::Failed => None,
                                 Cached::Miss => {
-                                    let payload = data.get(header_len..).unwrap_or_default().to_vec();
+                                    let payload =
+                                        data.get(header_len..).unwrap_or_default().to_vec();
                                     if !resolver.enqueue(name, port, payload) {
                                         // Too many lookups or held datagrams: the name cannot
                                         // be resolved in time for this one.
@@ -349,7 +404,10 @@ impl Relay<'_, '_> {
                 if rx.truncated(i) {
                     continue;
                 }
-                let header = UdpHeader { frag: 0, address: Address::Ip(k) };
+                let header = UdpHeader {
+                    frag: 0,
+                    address: Address::Ip(k),
+                };
                 tx.push(to, v6, Some(&header), rx.range_from(i, 0), Direction::Down);
             } else {
                 metrics.inc(Counter::UdpDroppedForeign);
@@ -366,7 +424,9 @@ impl Relay<'_, '_> {
         while from < self.tx.len() {
             let sent = {
                 let Self { sock, rx, tx, .. } = &*self;
-                sock.try_io(Interest::WRITABLE, || tx.send(from, sock.as_fd(), rx.bufs()))
+                sock.try_io(Interest::WRITABLE, || {
+                    tx.send(from, sock.as_fd(), rx.bufs())
+                })
             };
             match sent {
                 Ok(k) => {
@@ -403,7 +463,9 @@ impl Relay<'_, '_> {
             };
             self.targets.insert(dst);
             let to = match (dst, self.v6) {
-                (SocketAddr::V4(a), true) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+                (SocketAddr::V4(a), true) => {
+                    SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())
+                }
                 (a, _) => a,
             };
             match self.sock.send_to(&payload, to).await {

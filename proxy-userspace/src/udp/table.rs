@@ -161,14 +161,28 @@ impl Resolver {
     fn start(&mut self, name: String, queue: Vec<(u16, Vec<u8>)>) {
         let lookup_name = name.clone();
         let handle = self.tasks.spawn(async move {
-            let res = match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((lookup_name.as_str(), 0))).await {
+            let res = match tokio::time::timeout(
+                LOOKUP_TIMEOUT,
+                tokio::net::lookup_host((lookup_name.as_str(), 0)),
+            )
+            .await
+            {
                 Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip()).collect()),
                 Ok(Err(e)) => Err(e),
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "name lookup timed out")),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "name lookup timed out",
+                )),
             };
             (lookup_name, res)
         });
-        self.pending.insert(name, Pending { task: handle.id(), queue });
+        self.pending.insert(
+            name,
+            Pending {
+                task: handle.id(),
+                queue,
+            },
+        );
     }
 
     /// Whether a lookup is running, i.e. whether [`Resolver::next`] can return.
@@ -189,12 +203,22 @@ impl Resolver {
             }
             // Only at abort or a panic in the resolver: treat as a failed lookup.
             Err(e) => {
-                let name = self.pending.iter().find(|(_, p)| p.task == e.id()).map(|(n, _)| n.clone())?;
+                let name = self
+                    .pending
+                    .iter()
+                    .find(|(_, p)| p.task == e.id())
+                    .map(|(n, _)| n.clone())?;
                 (name, Vec::new())
             }
         };
-        let queue = self.pending.remove(&name).map(|p| p.queue).unwrap_or_default();
-        self.queued_bytes = self.queued_bytes.saturating_sub(queue.iter().map(|(_, d)| d.len()).sum());
+        let queue = self
+            .pending
+            .remove(&name)
+            .map(|p| p.queue)
+            .unwrap_or_default();
+        self.queued_bytes = self
+            .queued_bytes
+            .saturating_sub(queue.iter().map(|(_, d)| d.len()).sum());
         self.store(&name, ips, now);
         Some(Resolved { name, queue })
     }
@@ -207,14 +231,28 @@ impl Resolver {
                 return;
             }
         }
-        let ttl = if ips.is_empty() { DNS_NEGATIVE_TTL } else { DNS_TTL };
+        let ttl = if ips.is_empty() {
+            DNS_NEGATIVE_TTL
+        } else {
+            DNS_TTL
+        };
         if !self.cache.contains_key(name) && self.cache.len() >= DNS_CACHE_MAX {
-            let oldest = self.cache.iter().min_by_key(|(_, e)| e.expires).map(|(n, _)| n.clone());
+            let oldest = self
+                .cache
+                .iter()
+                .min_by_key(|(_, e)| e.expires)
+                .map(|(n, _)| n.clone());
             if let Some(n) = oldest {
                 self.cache.remove(&n);
             }
         }
-        self.cache.insert(name.to_owned(), Entry { ips, expires: now + ttl });
+        self.cache.insert(
+            name.to_owned(),
+            Entry {
+                ips,
+                expires: now + ttl,
+            },
+        );
     }
 }
 
@@ -229,7 +267,12 @@ mod tests {
     #[test]
     fn key_drops_mapping_and_scope() {
         assert_eq!(key(a("[::ffff:192.0.2.1]:53")), a("192.0.2.1:53"));
-        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 9, 7, 3));
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            9,
+            7,
+            3,
+        ));
         assert_eq!(key(scoped), a("[fe80::1]:9"));
     }
 
@@ -251,7 +294,10 @@ mod tests {
     /// Lookups that the tests start are never awaited; `shutdown_background` leaves any
     /// getaddrinfo still running behind instead of waiting for it.
     fn with_runtime(f: impl std::future::Future<Output = ()>) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(f);
         rt.shutdown_background();
     }
@@ -263,7 +309,10 @@ mod tests {
             let now = Instant::now();
             r.store("a.test", vec!["192.0.2.1".parse().unwrap()], now);
             r.store("gone.test", Vec::new(), now);
-            assert_eq!(r.get("a.test", now), Cached::Hit(&["192.0.2.1".parse().unwrap()]));
+            assert_eq!(
+                r.get("a.test", now),
+                Cached::Hit(&["192.0.2.1".parse().unwrap()])
+            );
             assert!(!r.busy());
             assert_eq!(r.get("gone.test", now), Cached::Failed);
             assert_eq!(r.get("new.test", now), Cached::Miss);
@@ -280,7 +329,11 @@ mod tests {
             assert!(matches!(r.get("a.test", later), Cached::Hit(_)));
 
             for i in 0..DNS_CACHE_MAX + 10 {
-                r.store(&format!("n{i}.test"), vec!["192.0.2.2".parse().unwrap()], later);
+                r.store(
+                    &format!("n{i}.test"),
+                    vec!["192.0.2.2".parse().unwrap()],
+                    later,
+                );
             }
             assert_eq!(r.cache.len(), DNS_CACHE_MAX);
         });
