@@ -24,6 +24,59 @@ pub mod sockmap {
     /// be dropped).
     pub const ACTIVE: &str = "EBSOCKS_ACTIVE";
 
+    /// Name of the hash map `cookie -> `[`BrakeControl`], written by the daemon only.
+    ///
+    /// The kernel's redirect ignores how much the peer socket can take: for a peer that reads
+    /// slowly it would queue without bound. The brake bounds that queue without ever taking a
+    /// socket out of the sockhash (removing the verdict while the kernel runs it drops the skbs
+    /// it is handling, after TCP acknowledged them):
+    ///
+    /// - when a socket's byte count reaches `checkpoint`, the verdict reports the cookie on
+    ///   [`BRAKE_EVENTS`] (once per checkpoint value);
+    /// - the daemon compares what the kernel took from the socket with what its peer accepted;
+    ///   if the peer is too far behind it sets `braked`. The verdict then *passes* the socket's
+    ///   bytes to the socket itself instead of redirecting them: they wait in its receive
+    ///   queue, charged to its receive buffer, so TCP's window closes on the sender;
+    /// - once the peer caught up the daemon clears `braked`. While bytes it passed are still
+    ///   queued (`BrakeState::passed != read`) the verdict keeps passing, so that nothing
+    ///   overtakes them; the daemon reads them, writes them to the peer and raises `read`. When
+    ///   the two meet the verdict redirects again.
+    pub const BRAKES: &str = "EBSOCKS_BRAKES";
+
+    /// Name of the hash map `cookie -> `[`BrakeState`], written by the verdict only (the daemon
+    /// creates the zeroed entries).
+    pub const BRAKE_STATE: &str = "EBSOCKS_BRAKE_STATE";
+
+    /// The daemon's half of a socket's brake; see [`BRAKES`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct BrakeControl {
+        /// Byte count (as in `SessionTraffic::bytes`) at which the verdict reports the socket.
+        pub checkpoint: u64,
+        /// Bytes the daemon has read from the socket out of those the verdict passed to it.
+        pub read: u64,
+        /// Non-zero: pass every byte to the socket itself.
+        pub braked: u32,
+        /// Reserved, zero.
+        pub _pad: u32,
+    }
+
+    /// The verdict's half of a socket's brake; see [`BRAKES`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct BrakeState {
+        /// Bytes the verdict passed to the socket itself rather than to its peer.
+        pub passed: u64,
+        /// The checkpoint last reported, so that each is reported once.
+        pub reported: u64,
+    }
+
+    /// Name of the ring buffer of `u64` socket cookies that reached their brake checkpoint.
+    pub const BRAKE_EVENTS: &str = "EBSOCKS_BRAKE_EVENTS";
+
+    /// Size in bytes of [`BRAKE_EVENTS`].
+    pub const BRAKE_EVENTS_BYTES: u32 = 256 * 1024;
+
     /// Capacity of each sockhash: two entries per spliced session.
     pub const SOCKHASH_MAX_ENTRIES: u32 = 2 * 65_536;
 
@@ -146,7 +199,11 @@ pub mod metrics {
 
         /// The protocol, path and direction names of this slot, for display.
         pub const fn names(self) -> (&'static str, &'static str, &'static str) {
-            let dir = if self.0 % 2 == 0 { Direction::Up } else { Direction::Down };
+            let dir = if self.0.is_multiple_of(2) {
+                Direction::Up
+            } else {
+                Direction::Down
+            };
             let (proto, path) = match self.0 / 2 {
                 0 => ("tcp", DataPath::Sockmap.name()),
                 1 => ("tcp", DataPath::Splice.name()),
@@ -231,11 +288,151 @@ pub mod metrics {
         UdpDroppedBlocked = 19,
         /// BIND requests served (first reply sent).
         BindsTotal = 20,
+        /// Times a spliced socket's verdict was stopped because its peer fell behind.
+        SockmapBrakes = 21,
+        /// Sessions whose request was CONNECT (counted once the request is read).
+        SessionsCreatedConnect = 22,
+        /// Sessions whose request was BIND (counted once the request is read).
+        SessionsCreatedBind = 23,
+        /// Sessions whose request was UDP ASSOCIATE (counted once the request is read).
+        SessionsCreatedUdp = 24,
+        /// Sessions created by a CONNECT request that ended, whatever the outcome.
+        SessionsEndedConnect = 25,
+        /// Sessions created by a BIND request that ended, whatever the outcome.
+        SessionsEndedBind = 26,
+        /// Sessions created by a UDP ASSOCIATE request that ended, whatever the outcome.
+        SessionsEndedUdp = 27,
+        /// Sessions that stopped relaying on the sockmap path.
+        SessionsEndedSockmap = 28,
+        /// Sessions that stopped relaying on the splice path.
+        SessionsEndedSplice = 29,
+        /// Sessions that stopped relaying on the copy path.
+        SessionsEndedCopy = 30,
+        /// Sessions reading the greeting and the request now (gauge).
+        SessionsNegotiating = 31,
+        /// Sessions in username/password authentication now (gauge).
+        SessionsAuthenticating = 32,
+        /// Sessions resolving the target's name now (gauge).
+        SessionsResolving = 33,
+        /// Sessions connecting to the target now (gauge).
+        SessionsConnecting = 34,
+        /// Sessions waiting for the BIND peer to connect now (gauge).
+        SessionsBindWaiting = 35,
+        /// Failed sessions, reason `general_failure`: Refused with reply 0x01 (general failure).
+        FailGeneralFailure = 36,
+        /// Failed sessions, reason `not_allowed`: Refused with reply 0x02 (not allowed) for a reason other than a rule, e.g. EACCES on connect.
+        FailNotAllowed = 37,
+        /// Failed sessions, reason `network_unreachable`: Refused with reply 0x03 (network unreachable).
+        FailNetworkUnreachable = 38,
+        /// Failed sessions, reason `host_unreachable`: Refused with reply 0x04 (host unreachable), other than a failed name resolution.
+        FailHostUnreachable = 39,
+        /// Failed sessions, reason `connection_refused`: Refused with reply 0x05 (connection refused).
+        FailConnectionRefused = 40,
+        /// Failed sessions, reason `ttl_expired`: Refused with reply 0x06 (TTL expired) for a kernel timeout (ETIMEDOUT).
+        FailTtlExpired = 41,
+        /// Failed sessions, reason `command_not_supported`: Refused with reply 0x07 (command not supported).
+        FailCommandNotSupported = 42,
+        /// Failed sessions, reason `address_type_not_supported`: Refused with reply 0x08 (address type not supported).
+        FailAddressTypeNotSupported = 43,
+        /// Failed sessions, reason `auth_failed`: Username/password authentication failed.
+        FailAuthFailed = 44,
+        /// Failed sessions, reason `no_acceptable_method`: The client offered no acceptable method (reply 0xFF).
+        FailNoAcceptableMethod = 45,
+        /// Failed sessions, reason `rule_blocked`: Request blocked by a socks rule (reply 0x02).
+        FailRuleBlocked = 46,
+        /// Failed sessions, reason `client_blocked`: Connection closed at accept by a client rule.
+        FailClientBlocked = 47,
+        /// Failed sessions, reason `negotiation_timeout`: Negotiation not finished within timeouts.negotiation.
+        FailNegotiationTimeout = 48,
+        /// Failed sessions, reason `connect_timeout`: Target not connected within timeouts.connect (reply 0x06).
+        FailConnectTimeout = 49,
+        /// Failed sessions, reason `bind_timeout`: No BIND peer within timeouts.bind (reply 0x06).
+        FailBindTimeout = 50,
+        /// Failed sessions, reason `limit`: Connection closed at accept by max_sessions or max_sessions_per_client.
+        FailLimit = 51,
+        /// Failed sessions, reason `resolve_failed`: The target's name did not resolve (reply 0x04).
+        FailResolveFailed = 52,
+        /// Failed sessions, reason `protocol_error`: Malformed SOCKS message (reply where the protocol has one).
+        FailProtocolError = 53,
+        /// Failed sessions, reason `client_closed`: The client closed before the session was established.
+        FailClientClosed = 54,
+        /// Failed sessions, reason `io_error`: Another socket error before relaying.
+        FailIoError = 55,
+        /// Errors from accept(2) on a listener (descriptors exhausted and the like).
+        AcceptErrors = 56,
+        /// Connects to a target (per attempted address list) that took at most 250us (cumulative histogram bucket).
+        ConnectLatencyLe250Us = 57,
+        /// Connects to a target (per attempted address list) that took at most 500us (cumulative histogram bucket).
+        ConnectLatencyLe500Us = 58,
+        /// Connects to a target (per attempted address list) that took at most 1ms (cumulative histogram bucket).
+        ConnectLatencyLe1Ms = 59,
+        /// Connects to a target (per attempted address list) that took at most 2.5ms (cumulative histogram bucket).
+        ConnectLatencyLe2p5Ms = 60,
+        /// Connects to a target (per attempted address list) that took at most 5ms (cumulative histogram bucket).
+        ConnectLatencyLe5Ms = 61,
+        /// Connects to a target (per attempted address list) that took at most 10ms (cumulative histogram bucket).
+        ConnectLatencyLe10Ms = 62,
+        /// Connects to a target (per attempted address list) that took at most 25ms (cumulative histogram bucket).
+        ConnectLatencyLe25Ms = 63,
+        /// Connects to a target (per attempted address list) that took at most 50ms (cumulative histogram bucket).
+        ConnectLatencyLe50Ms = 64,
+        /// Connects to a target (per attempted address list) that took at most 100ms (cumulative histogram bucket).
+        ConnectLatencyLe100Ms = 65,
+        /// Connects to a target (per attempted address list) that took at most 250ms (cumulative histogram bucket).
+        ConnectLatencyLe250Ms = 66,
+        /// Connects to a target (per attempted address list) that took at most 500ms (cumulative histogram bucket).
+        ConnectLatencyLe500Ms = 67,
+        /// Connects to a target (per attempted address list) that took at most 1s (cumulative histogram bucket).
+        ConnectLatencyLe1S = 68,
+        /// Connects to a target (per attempted address list) that took at most 2.5s (cumulative histogram bucket).
+        ConnectLatencyLe2p5S = 69,
+        /// Connects to a target (per attempted address list) that took at most 5s (cumulative histogram bucket).
+        ConnectLatencyLe5S = 70,
+        /// Connects to a target (per attempted address list) that took at most 10s (cumulative histogram bucket).
+        ConnectLatencyLe10S = 71,
+        /// Connects to a target (per attempted address list): observations (the +Inf bucket).
+        ConnectLatencyCount = 72,
+        /// Connects to a target (per attempted address list): total time in microseconds.
+        ConnectLatencySumUs = 73,
+        /// Name resolutions of a request's target that took at most 250us (cumulative histogram bucket).
+        DnsLatencyLe250Us = 74,
+        /// Name resolutions of a request's target that took at most 500us (cumulative histogram bucket).
+        DnsLatencyLe500Us = 75,
+        /// Name resolutions of a request's target that took at most 1ms (cumulative histogram bucket).
+        DnsLatencyLe1Ms = 76,
+        /// Name resolutions of a request's target that took at most 2.5ms (cumulative histogram bucket).
+        DnsLatencyLe2p5Ms = 77,
+        /// Name resolutions of a request's target that took at most 5ms (cumulative histogram bucket).
+        DnsLatencyLe5Ms = 78,
+        /// Name resolutions of a request's target that took at most 10ms (cumulative histogram bucket).
+        DnsLatencyLe10Ms = 79,
+        /// Name resolutions of a request's target that took at most 25ms (cumulative histogram bucket).
+        DnsLatencyLe25Ms = 80,
+        /// Name resolutions of a request's target that took at most 50ms (cumulative histogram bucket).
+        DnsLatencyLe50Ms = 81,
+        /// Name resolutions of a request's target that took at most 100ms (cumulative histogram bucket).
+        DnsLatencyLe100Ms = 82,
+        /// Name resolutions of a request's target that took at most 250ms (cumulative histogram bucket).
+        DnsLatencyLe250Ms = 83,
+        /// Name resolutions of a request's target that took at most 500ms (cumulative histogram bucket).
+        DnsLatencyLe500Ms = 84,
+        /// Name resolutions of a request's target that took at most 1s (cumulative histogram bucket).
+        DnsLatencyLe1S = 85,
+        /// Name resolutions of a request's target that took at most 2.5s (cumulative histogram bucket).
+        DnsLatencyLe2p5S = 86,
+        /// Name resolutions of a request's target that took at most 5s (cumulative histogram bucket).
+        DnsLatencyLe5S = 87,
+        /// Name resolutions of a request's target that took at most 10s (cumulative histogram bucket).
+        DnsLatencyLe10S = 88,
+        /// Name resolutions of a request's target: observations (the +Inf bucket).
+        DnsLatencyCount = 89,
+        /// Name resolutions of a request's target: total time in microseconds.
+        DnsLatencySumUs = 90,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 21] = [
+        pub const ALL: [Self; 91] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -257,6 +454,76 @@ pub mod metrics {
             Self::UdpDroppedMalformed,
             Self::UdpDroppedBlocked,
             Self::BindsTotal,
+            Self::SockmapBrakes,
+            Self::SessionsCreatedConnect,
+            Self::SessionsCreatedBind,
+            Self::SessionsCreatedUdp,
+            Self::SessionsEndedConnect,
+            Self::SessionsEndedBind,
+            Self::SessionsEndedUdp,
+            Self::SessionsEndedSockmap,
+            Self::SessionsEndedSplice,
+            Self::SessionsEndedCopy,
+            Self::SessionsNegotiating,
+            Self::SessionsAuthenticating,
+            Self::SessionsResolving,
+            Self::SessionsConnecting,
+            Self::SessionsBindWaiting,
+            Self::FailGeneralFailure,
+            Self::FailNotAllowed,
+            Self::FailNetworkUnreachable,
+            Self::FailHostUnreachable,
+            Self::FailConnectionRefused,
+            Self::FailTtlExpired,
+            Self::FailCommandNotSupported,
+            Self::FailAddressTypeNotSupported,
+            Self::FailAuthFailed,
+            Self::FailNoAcceptableMethod,
+            Self::FailRuleBlocked,
+            Self::FailClientBlocked,
+            Self::FailNegotiationTimeout,
+            Self::FailConnectTimeout,
+            Self::FailBindTimeout,
+            Self::FailLimit,
+            Self::FailResolveFailed,
+            Self::FailProtocolError,
+            Self::FailClientClosed,
+            Self::FailIoError,
+            Self::AcceptErrors,
+            Self::ConnectLatencyLe250Us,
+            Self::ConnectLatencyLe500Us,
+            Self::ConnectLatencyLe1Ms,
+            Self::ConnectLatencyLe2p5Ms,
+            Self::ConnectLatencyLe5Ms,
+            Self::ConnectLatencyLe10Ms,
+            Self::ConnectLatencyLe25Ms,
+            Self::ConnectLatencyLe50Ms,
+            Self::ConnectLatencyLe100Ms,
+            Self::ConnectLatencyLe250Ms,
+            Self::ConnectLatencyLe500Ms,
+            Self::ConnectLatencyLe1S,
+            Self::ConnectLatencyLe2p5S,
+            Self::ConnectLatencyLe5S,
+            Self::ConnectLatencyLe10S,
+            Self::ConnectLatencyCount,
+            Self::ConnectLatencySumUs,
+            Self::DnsLatencyLe250Us,
+            Self::DnsLatencyLe500Us,
+            Self::DnsLatencyLe1Ms,
+            Self::DnsLatencyLe2p5Ms,
+            Self::DnsLatencyLe5Ms,
+            Self::DnsLatencyLe10Ms,
+            Self::DnsLatencyLe25Ms,
+            Self::DnsLatencyLe50Ms,
+            Self::DnsLatencyLe100Ms,
+            Self::DnsLatencyLe250Ms,
+            Self::DnsLatencyLe500Ms,
+            Self::DnsLatencyLe1S,
+            Self::DnsLatencyLe2p5S,
+            Self::DnsLatencyLe5S,
+            Self::DnsLatencyLe10S,
+            Self::DnsLatencyCount,
+            Self::DnsLatencySumUs,
         ];
 
         /// Name used in stats output.
@@ -283,6 +550,76 @@ pub mod metrics {
                 Self::UdpDroppedMalformed => "udp_dropped_malformed",
                 Self::UdpDroppedBlocked => "udp_dropped_blocked",
                 Self::BindsTotal => "binds_total",
+                Self::SockmapBrakes => "sockmap_brakes",
+                Self::SessionsCreatedConnect => "sessions_created_connect",
+                Self::SessionsCreatedBind => "sessions_created_bind",
+                Self::SessionsCreatedUdp => "sessions_created_udp_associate",
+                Self::SessionsEndedConnect => "sessions_ended_connect",
+                Self::SessionsEndedBind => "sessions_ended_bind",
+                Self::SessionsEndedUdp => "sessions_ended_udp_associate",
+                Self::SessionsEndedSockmap => "sessions_ended_sockmap",
+                Self::SessionsEndedSplice => "sessions_ended_splice",
+                Self::SessionsEndedCopy => "sessions_ended_copy",
+                Self::SessionsNegotiating => "sessions_negotiating",
+                Self::SessionsAuthenticating => "sessions_authenticating",
+                Self::SessionsResolving => "sessions_resolving",
+                Self::SessionsConnecting => "sessions_connecting",
+                Self::SessionsBindWaiting => "sessions_bind_waiting",
+                Self::FailGeneralFailure => "failures_general_failure",
+                Self::FailNotAllowed => "failures_not_allowed",
+                Self::FailNetworkUnreachable => "failures_network_unreachable",
+                Self::FailHostUnreachable => "failures_host_unreachable",
+                Self::FailConnectionRefused => "failures_connection_refused",
+                Self::FailTtlExpired => "failures_ttl_expired",
+                Self::FailCommandNotSupported => "failures_command_not_supported",
+                Self::FailAddressTypeNotSupported => "failures_address_type_not_supported",
+                Self::FailAuthFailed => "failures_auth_failed",
+                Self::FailNoAcceptableMethod => "failures_no_acceptable_method",
+                Self::FailRuleBlocked => "failures_rule_blocked",
+                Self::FailClientBlocked => "failures_client_blocked",
+                Self::FailNegotiationTimeout => "failures_negotiation_timeout",
+                Self::FailConnectTimeout => "failures_connect_timeout",
+                Self::FailBindTimeout => "failures_bind_timeout",
+                Self::FailLimit => "failures_limit",
+                Self::FailResolveFailed => "failures_resolve_failed",
+                Self::FailProtocolError => "failures_protocol_error",
+                Self::FailClientClosed => "failures_client_closed",
+                Self::FailIoError => "failures_io_error",
+                Self::AcceptErrors => "accept_errors",
+                Self::ConnectLatencyLe250Us => "connect_latency_le_250us",
+                Self::ConnectLatencyLe500Us => "connect_latency_le_500us",
+                Self::ConnectLatencyLe1Ms => "connect_latency_le_1ms",
+                Self::ConnectLatencyLe2p5Ms => "connect_latency_le_2_5ms",
+                Self::ConnectLatencyLe5Ms => "connect_latency_le_5ms",
+                Self::ConnectLatencyLe10Ms => "connect_latency_le_10ms",
+                Self::ConnectLatencyLe25Ms => "connect_latency_le_25ms",
+                Self::ConnectLatencyLe50Ms => "connect_latency_le_50ms",
+                Self::ConnectLatencyLe100Ms => "connect_latency_le_100ms",
+                Self::ConnectLatencyLe250Ms => "connect_latency_le_250ms",
+                Self::ConnectLatencyLe500Ms => "connect_latency_le_500ms",
+                Self::ConnectLatencyLe1S => "connect_latency_le_1s",
+                Self::ConnectLatencyLe2p5S => "connect_latency_le_2_5s",
+                Self::ConnectLatencyLe5S => "connect_latency_le_5s",
+                Self::ConnectLatencyLe10S => "connect_latency_le_10s",
+                Self::ConnectLatencyCount => "connect_latency_count",
+                Self::ConnectLatencySumUs => "connect_latency_sum_us",
+                Self::DnsLatencyLe250Us => "dns_latency_le_250us",
+                Self::DnsLatencyLe500Us => "dns_latency_le_500us",
+                Self::DnsLatencyLe1Ms => "dns_latency_le_1ms",
+                Self::DnsLatencyLe2p5Ms => "dns_latency_le_2_5ms",
+                Self::DnsLatencyLe5Ms => "dns_latency_le_5ms",
+                Self::DnsLatencyLe10Ms => "dns_latency_le_10ms",
+                Self::DnsLatencyLe25Ms => "dns_latency_le_25ms",
+                Self::DnsLatencyLe50Ms => "dns_latency_le_50ms",
+                Self::DnsLatencyLe100Ms => "dns_latency_le_100ms",
+                Self::DnsLatencyLe250Ms => "dns_latency_le_250ms",
+                Self::DnsLatencyLe500Ms => "dns_latency_le_500ms",
+                Self::DnsLatencyLe1S => "dns_latency_le_1s",
+                Self::DnsLatencyLe2p5S => "dns_latency_le_2_5s",
+                Self::DnsLatencyLe5S => "dns_latency_le_5s",
+                Self::DnsLatencyLe10S => "dns_latency_le_10s",
+                Self::DnsLatencyCount => "dns_latency_count",
+                Self::DnsLatencySumUs => "dns_latency_sum_us",
             }
         }
 
@@ -303,10 +640,85 @@ pub mod metrics {
                 DataPath::Copy => Self::SessionsActiveCopy,
             }
         }
+
+        /// The "sessions that stopped relaying" counter of a data path.
+        pub const fn ended(path: DataPath) -> Self {
+            match path {
+                DataPath::Sockmap => Self::SessionsEndedSockmap,
+                DataPath::Splice => Self::SessionsEndedSplice,
+                DataPath::Copy => Self::SessionsEndedCopy,
+            }
+        }
     }
+
+    /// Upper bounds, in microseconds, of the latency histogram buckets: each histogram keeps one
+    /// cumulative counter per bound (`..._le_250us` counts observations of at most 250 µs), then
+    /// a count (the `+Inf` bucket) and a sum in microseconds, in consecutive [`Counter`] slots.
+    pub const LATENCY_BUCKETS_US: [u64; 15] = [
+        250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+        1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    ];
+
+    /// A latency histogram kept in the counter array.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Histogram {
+        /// Name used in stats output (`connect_latency`).
+        pub name: &'static str,
+        /// The counter of the first bucket; the others follow in [`LATENCY_BUCKETS_US`] order.
+        pub first_bucket: Counter,
+        /// Observations (the `+Inf` bucket).
+        pub count: Counter,
+        /// Sum of the observations in microseconds.
+        pub sum_us: Counter,
+    }
+
+    impl Histogram {
+        /// The counter of bucket `i` (bound `LATENCY_BUCKETS_US[i]`).
+        pub const fn bucket(self, i: usize) -> Counter {
+            Counter::ALL[self.first_bucket as usize + i]
+        }
+    }
+
+    /// Time to connect to a target (every resolved address tried, until one accepts).
+    pub const CONNECT_LATENCY: Histogram = Histogram {
+        name: "connect_latency",
+        first_bucket: Counter::ConnectLatencyLe250Us,
+        count: Counter::ConnectLatencyCount,
+        sum_us: Counter::ConnectLatencySumUs,
+    };
+
+    /// Time to resolve a request's target name.
+    pub const DNS_LATENCY: Histogram = Histogram {
+        name: "dns_latency",
+        first_bucket: Counter::DnsLatencyLe250Us,
+        count: Counter::DnsLatencyCount,
+        sum_us: Counter::DnsLatencySumUs,
+    };
+
+    /// Every histogram.
+    pub const HISTOGRAMS: [Histogram; 2] = [CONNECT_LATENCY, DNS_LATENCY];
 
     /// Capacity of [`DAEMON_COUNTERS`] (room for counters added later).
     pub const COUNTERS_MAX: u32 = 128;
+
+    const _: () = {
+        assert!(Counter::ALL.len() <= COUNTERS_MAX as usize);
+        let mut i = 0;
+        while i < Counter::ALL.len() {
+            assert!(
+                Counter::ALL[i] as usize == i,
+                "Counter::ALL must list the counters in index order"
+            );
+            i += 1;
+        }
+        let mut h = 0;
+        while h < HISTOGRAMS.len() {
+            let hist = HISTOGRAMS[h];
+            assert!(hist.first_bucket as usize + LATENCY_BUCKETS_US.len() == hist.count as usize);
+            assert!(hist.count as usize + 1 == hist.sum_us as usize);
+            h += 1;
+        }
+    };
 
     /// `BPF_F_MMAPABLE` (Linux 5.5+): the daemon-written arrays are mapped into the daemon,
     /// which updates them with plain atomics, without a syscall.
@@ -319,4 +731,8 @@ mod pod {
     unsafe impl aya::Pod for crate::metrics::Traffic {}
     // SAFETY: as above; `_pad` makes the trailing padding explicit.
     unsafe impl aya::Pod for crate::metrics::SessionTraffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::sockmap::BrakeControl {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::sockmap::BrakeState {}
 }

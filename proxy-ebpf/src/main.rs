@@ -13,7 +13,13 @@
 // real one only exists for target_arch = "bpf".
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_XADD from Rust"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        internal_features,
+        reason = "atomic_xadd is the only way to emit BPF_XADD from Rust"
+    )
+)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use proxy_common::{
@@ -14,7 +14,7 @@ use proxy_common::{
         DataPath, SessionTraffic, Traffic, TrafficSlot, BPF_F_MMAPABLE, COUNTERS_MAX,
         SESSIONS_MAX_ENTRIES, TRAFFIC_SLOTS_MAX,
     },
-    sockmap::SOCKHASH_MAX_ENTRIES,
+    sockmap::{BrakeControl, BrakeState, BRAKE_EVENTS_BYTES, SOCKHASH_MAX_ENTRIES},
 };
 
 // Map names must equal the constants in proxy_common (the attribute needs a literal).
@@ -27,6 +27,18 @@ static PAIRS: SockHash<u64> = SockHash::with_max_entries(SOCKHASH_MAX_ENTRIES, 0
 /// `proxy_common::sockmap::ACTIVE`. The program never reads it.
 #[map(name = "EBSOCKS_ACTIVE")]
 static ACTIVE: SockHash<u64> = SockHash::with_max_entries(SOCKHASH_MAX_ENTRIES, 0);
+
+/// `cookie -> the daemon's brake settings`; see `proxy_common::sockmap::BRAKES`.
+#[map(name = "EBSOCKS_BRAKES")]
+static BRAKES: HashMap<u64, BrakeControl> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
+
+/// `cookie -> this program's brake state`; see `proxy_common::sockmap::BRAKE_STATE`.
+#[map(name = "EBSOCKS_BRAKE_STATE")]
+static BRAKE_STATE: HashMap<u64, BrakeState> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
+
+/// Cookies of sockets that reached their checkpoint, for the daemon.
+#[map(name = "EBSOCKS_BRAKE_EVENTS")]
+static BRAKE_EVENTS: RingBuf = RingBuf::with_byte_size(BRAKE_EVENTS_BYTES, 0);
 
 /// Per-socket counters; entries are created and removed by the daemon.
 #[map(name = "EBSOCKS_SESSIONS")]
@@ -64,22 +76,50 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Err(SK_DROP);
     }
     // SAFETY: the context pointer is the program's own __sk_buff.
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let session = SESSIONS.get_ptr_mut(&cookie);
+    let own = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let session = SESSIONS.get_ptr_mut(&own);
+    // SAFETY: the daemon replaces BRAKES entries whole; this run reads one consistent value.
+    let control = unsafe { BRAKES.get(&own) }.copied();
+    let state = BRAKE_STATE.get_ptr_mut(&own);
 
-    let action = PAIRS.redirect_skb(ctx, &mut cookie, 0);
-    if action != i64::from(SK_PASS) {
-        return Err(SK_DROP);
+    // Braked, or bytes passed earlier are still waiting for the daemon: pass this one too, so
+    // that it queues behind them on the socket itself (and counts against its receive buffer).
+    // The verdict runs under the socket's lock, so `state` has one writer at a time.
+    let mut hold = false;
+    if let (Some(c), Some(st)) = (control, state) {
+        // SAFETY: map value valid for this run, written only by this program under the lock.
+        unsafe {
+            if c.braked != 0 || (*st).passed != c.read {
+                (*st).passed += u64::from(len);
+                hold = true;
+            }
+        }
+    }
+    if !hold {
+        let mut cookie = own;
+        let action = PAIRS.redirect_skb(ctx, &mut cookie, 0);
+        if action != i64::from(SK_PASS) {
+            return Err(SK_DROP);
+        }
     }
 
     if let Some(session) = session {
         // SAFETY: `session` points into a map value that stays valid for this program run; the
         // counters are only ever modified with atomic adds.
-        let dir = unsafe {
+        let (dir, total) = unsafe {
             add(&raw mut (*session).bytes, u64::from(len));
             add(&raw mut (*session).packets, 1);
-            (*session).direction
+            ((*session).direction, (*session).bytes)
         };
+        if let (Some(c), Some(st)) = (control, state) {
+            // SAFETY: as above.
+            unsafe {
+                if total >= c.checkpoint && (*st).reported != c.checkpoint {
+                    (*st).reported = c.checkpoint;
+                    let _ = BRAKE_EVENTS.output::<u64>(&own, 0);
+                }
+            }
+        }
         let slot = TrafficSlot::tcp(DataPath::Sockmap, dir_from(dir));
         if let Some(t) = KTRAFFIC.get_ptr_mut(slot.0) {
             // SAFETY: per-CPU value, no other writer on this CPU while the program runs.

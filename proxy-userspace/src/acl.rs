@@ -56,7 +56,9 @@ impl Action {
         match s {
             "pass" => Ok(Self::Pass),
             "block" => Ok(Self::Block),
-            other => Err(format!("{other:?} is not an action (expected \"pass\" or \"block\")")),
+            other => Err(format!(
+                "{other:?} is not an action (expected \"pass\" or \"block\")"
+            )),
         }
     }
 }
@@ -94,7 +96,9 @@ impl Command {
             "connect" => Ok(Self::Connect),
             "bind" => Ok(Self::Bind),
             "udpassociate" => Ok(Self::UdpAssociate),
-            other => Err(format!("{other:?} is not a command (expected \"connect\", \"bind\" or \"udpassociate\")")),
+            other => Err(format!(
+                "{other:?} is not a command (expected \"connect\", \"bind\" or \"udpassociate\")"
+            )),
         }
     }
 }
@@ -147,7 +151,9 @@ impl AuthMethod {
         match s {
             "none" => Ok(Self::None),
             "username" => Ok(Self::Username),
-            other => Err(format!("{other:?} is not a supported method (expected \"none\" or \"username\")")),
+            other => Err(format!(
+                "{other:?} is not a supported method (expected \"none\" or \"username\")"
+            )),
         }
     }
 }
@@ -235,7 +241,11 @@ impl Verdict<'_> {
 }
 
 /// The verdict when no rule matches: block, unlogged.
-const DEFAULT: Verdict<'static> = Verdict { action: Action::Block, rule: "default", log: false };
+const DEFAULT: Verdict<'static> = Verdict {
+    action: Action::Block,
+    rule: "default",
+    log: false,
+};
 
 /// One `[[client_rule]]` table as written in the config file; [`Rules::from_raw`] validates it.
 /// Public so that the config module can embed it in its own raw type.
@@ -400,23 +410,45 @@ fn nets_match(nets: Option<&[IpNet]>, ip: IpAddr) -> bool {
 
 impl ClientRule {
     fn verdict(&self) -> Verdict<'_> {
-        Verdict { action: self.action, rule: &self.name, log: self.log }
+        Verdict {
+            action: self.action,
+            rule: &self.name,
+            log: self.log,
+        }
     }
 }
 
 impl SocksRule {
     fn verdict(&self) -> Verdict<'_> {
-        Verdict { action: self.action, rule: &self.name, log: self.log }
+        Verdict {
+            action: self.action,
+            rule: &self.name,
+            log: self.log,
+        }
     }
 
     /// Everything but the destination address or name.
     fn matches_rest(&self, req: &RequestInfo<'_>) -> bool {
-        let Self { name: _, action: _, from, to: _, ports, commands, users, versions, log: _ } = self;
+        let Self {
+            name: _,
+            action: _,
+            from,
+            to: _,
+            ports,
+            commands,
+            users,
+            versions,
+            log: _,
+        } = self;
         let port = req.dest.port();
         nets_match(from.as_deref(), req.client)
-            && ports.as_ref().is_none_or(|ps| ps.iter().any(|p| (p.lo..=p.hi).contains(&port)))
+            && ports
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| (p.lo..=p.hi).contains(&port)))
             && commands.as_ref().is_none_or(|cs| cs.contains(&req.command))
-            && users.as_ref().is_none_or(|us| req.user.is_some_and(|u| us.iter().any(|x| x == u)))
+            && users
+                .as_ref()
+                .is_none_or(|us| req.user.is_some_and(|u| us.iter().any(|x| x == u)))
             && versions.as_ref().is_none_or(|vs| vs.contains(&req.version))
     }
 
@@ -425,7 +457,9 @@ impl SocksRule {
         match *dest {
             Dest::Ip(ip, _) => to.iter().any(|t| t.matches_ip(ip)),
             Dest::Name(name, _) => to.iter().any(|t| t.matches_name(name)),
-            Dest::Resolved(name, ip, _) => to.iter().any(|t| t.matches_ip(ip) || t.matches_name(name)),
+            Dest::Resolved(name, ip, _) => {
+                to.iter().any(|t| t.matches_ip(ip) || t.matches_name(name))
+            }
         }
     }
 }
@@ -433,7 +467,10 @@ impl SocksRule {
 impl Rules {
     /// Validates the `[[client_rule]]` and `[[socks_rule]]` arrays. Errors name the key, e.g.
     /// `socks_rule[2].ports[0]`.
-    pub fn from_raw(client: Vec<RawClientRule>, socks: Vec<RawSocksRule>) -> Result<Self, ConfigError> {
+    pub fn from_raw(
+        client: Vec<RawClientRule>,
+        socks: Vec<RawSocksRule>,
+    ) -> Result<Self, ConfigError> {
         let mut names = HashSet::new();
         let client = client
             .into_iter()
@@ -452,7 +489,10 @@ impl Rules {
     /// The rules used when the config has none: clients from loopback only, any request from
     /// them. A server reachable from elsewhere must say so explicitly.
     pub fn loopback_default() -> Self {
-        let loopback = ["127.0.0.0/8", "::1/128"].iter().map(|s| s.parse().expect("literal CIDR")).collect();
+        let loopback = ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .map(|s| s.parse().expect("literal CIDR"))
+            .collect();
         Self {
             client: vec![ClientRule {
                 name: "loopback".to_owned(),
@@ -510,7 +550,9 @@ impl Rules {
             Dest::Name(name, _) | Dest::Resolved(name, _, _) => name,
         };
         for rule in self.socks.iter().filter(|r| r.matches_rest(req)) {
-            let Some(to) = &rule.to else { return Some(rule.verdict()) };
+            let Some(to) = &rule.to else {
+                return Some(rule.verdict());
+            };
             if to.iter().any(|t| t.matches_name(name)) {
                 return Some(rule.verdict());
             }
@@ -526,8 +568,18 @@ impl Rules {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for (i, r) in self.client.iter().enumerate() {
-            let ClientRule { name, action, from, methods, log } = r;
-            let _ = write!(out, "client_rule[{i}] {name:?}: {action} from {}", list(from.as_deref(), "any"));
+            let ClientRule {
+                name,
+                action,
+                from,
+                methods,
+                log,
+            } = r;
+            let _ = write!(
+                out,
+                "client_rule[{i}] {name:?}: {action} from {}",
+                list(from.as_deref(), "any")
+            );
             if let Some(m) = methods {
                 let _ = write!(out, " methods {}", list(Some(m), ""));
             }
@@ -535,7 +587,17 @@ impl Rules {
         }
         out.push_str("client default: block\n");
         for (i, r) in self.socks.iter().enumerate() {
-            let SocksRule { name, action, from, to, ports, commands, users, versions, log } = r;
+            let SocksRule {
+                name,
+                action,
+                from,
+                to,
+                ports,
+                commands,
+                users,
+                versions,
+                log,
+            } = r;
             let _ = write!(
                 out,
                 "socks_rule[{i}] {name:?}: {action} from {} to {}",
@@ -570,7 +632,13 @@ impl Rules {
             .client
             .iter()
             .map(|r| {
-                let ClientRule { name, action, from, methods, log } = r;
+                let ClientRule {
+                    name,
+                    action,
+                    from,
+                    methods,
+                    log,
+                } = r;
                 RawClientRule {
                     name: Some(name.clone()),
                     action: Some(action.to_string()),
@@ -584,16 +652,30 @@ impl Rules {
             .socks
             .iter()
             .map(|r| {
-                let SocksRule { name, action, from, to, ports, commands, users, versions, log } = r;
+                let SocksRule {
+                    name,
+                    action,
+                    from,
+                    to,
+                    ports,
+                    commands,
+                    users,
+                    versions,
+                    log,
+                } = r;
                 RawSocksRule {
                     name: Some(name.clone()),
                     action: Some(action.to_string()),
                     from: strings(from.as_deref()),
                     to: strings(to.as_deref()),
-                    ports: ports.as_ref().map(|ps| ps.iter().map(|p| RawPort::Text(p.to_string())).collect()),
+                    ports: ports
+                        .as_ref()
+                        .map(|ps| ps.iter().map(|p| RawPort::Text(p.to_string())).collect()),
                     commands: strings(commands.as_deref()),
                     users: users.clone(),
-                    versions: versions.as_ref().map(|vs| vs.iter().map(|&v| i64::from(v)).collect()),
+                    versions: versions
+                        .as_ref()
+                        .map(|vs| vs.iter().map(|&v| i64::from(v)).collect()),
                     log: Some(*log),
                 }
             })
@@ -605,12 +687,19 @@ impl Rules {
 fn list<T: fmt::Display>(items: Option<&[T]>, none: &str) -> String {
     match items {
         None => none.to_owned(),
-        Some(items) => items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        Some(items) => items
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
 fn invalid(key: impl Into<String>, problem: impl fmt::Display) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), problem: problem.to_string() }
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.to_string(),
+    }
 }
 
 /// Parses an optional list element by element; an empty list is refused because it would match
@@ -622,7 +711,10 @@ fn parse_list<R, T>(
 ) -> Result<Option<Vec<T>>, ConfigError> {
     let Some(raw) = raw else { return Ok(None) };
     if raw.is_empty() {
-        return Err(invalid(key, "an empty list matches nothing; leave the key out to match anything"));
+        return Err(invalid(
+            key,
+            "an empty list matches nothing; leave the key out to match anything",
+        ));
     }
     raw.into_iter()
         .enumerate()
@@ -631,17 +723,27 @@ fn parse_list<R, T>(
         .map(Some)
 }
 
-fn rule_name(prefix: &str, raw: Option<String>, names: &mut HashSet<String>) -> Result<String, ConfigError> {
+fn rule_name(
+    prefix: &str,
+    raw: Option<String>,
+    names: &mut HashSet<String>,
+) -> Result<String, ConfigError> {
     let key = format!("{prefix}.name");
     let name = raw.unwrap_or_else(|| prefix.to_owned());
     if name.trim().is_empty() {
         return Err(invalid(key, "must not be empty"));
     }
     if name == DEFAULT.rule {
-        return Err(invalid(key, "\"default\" is reserved for the verdict when no rule matches"));
+        return Err(invalid(
+            key,
+            "\"default\" is reserved for the verdict when no rule matches",
+        ));
     }
     if !names.insert(name.clone()) {
-        return Err(invalid(key, format!("{name:?} is already the name of an earlier rule")));
+        return Err(invalid(
+            key,
+            format!("{name:?} is already the name of an earlier rule"),
+        ));
     }
     Ok(name)
 }
@@ -652,28 +754,56 @@ fn rule_action(prefix: &str, raw: Option<String>) -> Result<Action, ConfigError>
     Action::parse(&raw).map_err(|p| invalid(key, p))
 }
 
-fn client_rule(i: usize, raw: RawClientRule, names: &mut HashSet<String>) -> Result<ClientRule, ConfigError> {
+fn client_rule(
+    i: usize,
+    raw: RawClientRule,
+    names: &mut HashSet<String>,
+) -> Result<ClientRule, ConfigError> {
     let prefix = format!("client_rule[{i}]");
-    let RawClientRule { name, action, from, methods, log } = raw;
+    let RawClientRule {
+        name,
+        action,
+        from,
+        methods,
+        log,
+    } = raw;
     Ok(ClientRule {
         name: rule_name(&prefix, name, names)?,
         action: rule_action(&prefix, action)?,
         from: parse_list(&format!("{prefix}.from"), from, |s| parse_cidr(&s))?,
-        methods: parse_list(&format!("{prefix}.methods"), methods, |s| AuthMethod::parse(&s))?,
+        methods: parse_list(&format!("{prefix}.methods"), methods, |s| {
+            AuthMethod::parse(&s)
+        })?,
         log: log.unwrap_or(false),
     })
 }
 
-fn socks_rule(i: usize, raw: RawSocksRule, names: &mut HashSet<String>) -> Result<SocksRule, ConfigError> {
+fn socks_rule(
+    i: usize,
+    raw: RawSocksRule,
+    names: &mut HashSet<String>,
+) -> Result<SocksRule, ConfigError> {
     let prefix = format!("socks_rule[{i}]");
-    let RawSocksRule { name, action, from, to, ports, commands, users, versions, log } = raw;
+    let RawSocksRule {
+        name,
+        action,
+        from,
+        to,
+        ports,
+        commands,
+        users,
+        versions,
+        log,
+    } = raw;
     Ok(SocksRule {
         name: rule_name(&prefix, name, names)?,
         action: rule_action(&prefix, action)?,
         from: parse_list(&format!("{prefix}.from"), from, |s| parse_cidr(&s))?,
         to: parse_list(&format!("{prefix}.to"), to, |s| parse_target(&s))?,
         ports: parse_list(&format!("{prefix}.ports"), ports, parse_ports)?,
-        commands: parse_list(&format!("{prefix}.commands"), commands, |s| Command::parse(&s))?,
+        commands: parse_list(&format!("{prefix}.commands"), commands, |s| {
+            Command::parse(&s)
+        })?,
         users: parse_list(&format!("{prefix}.users"), users, parse_user)?,
         versions: parse_list(&format!("{prefix}.versions"), versions, |v| {
             u8::try_from(v)
@@ -703,7 +833,9 @@ fn parse_target(s: &str) -> Result<Target, String> {
         return parse_cidr(s).map(Target::Net);
     }
     if s.contains(':') {
-        return Err(format!("{s:?} is neither an address, a CIDR nor a host name"));
+        return Err(format!(
+            "{s:?} is neither an address, a CIDR nor a host name"
+        ));
     }
     if let Some(rest) = s.strip_prefix("*.") {
         return Err(format!("{s:?}: wildcards are written as a leading dot, \".{rest}\", which matches the domain and all its subdomains"));
@@ -714,7 +846,9 @@ fn parse_target(s: &str) -> Result<Target, String> {
     };
     let body = body.strip_suffix('.').unwrap_or(body).to_ascii_lowercase();
     if body.is_empty() {
-        return Err(format!("{s:?} names no domain; leave `to` out to match any destination"));
+        return Err(format!(
+            "{s:?} names no domain; leave `to` out to match any destination"
+        ));
     }
     if body.len() > 253 {
         return Err(format!("{s:?} is longer than a host name can be"));
@@ -723,21 +857,34 @@ fn parse_target(s: &str) -> Result<Target, String> {
         if label.is_empty() || label.len() > 63 {
             return Err(format!("{s:?} has an empty or over-long label"));
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(format!(
                 "{s:?} is not a host name (letters, digits, '-', '_' and dots; international names in their xn-- form)"
             ));
         }
     }
-    if body.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+    if body
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(format!("{s:?} looks like an IPv4 address but is not one"));
     }
-    Ok(if suffix { Target::Suffix(body) } else { Target::Name(body) })
+    Ok(if suffix {
+        Target::Suffix(body)
+    } else {
+        Target::Name(body)
+    })
 }
 
 fn parse_ports(raw: RawPort) -> Result<PortRange, String> {
     let port = |s: &str| -> Result<u16, String> {
-        s.trim().parse::<u16>().map_err(|_| format!("{s:?} is not a port number (0-65535)"))
+        s.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{s:?} is not a port number (0-65535)"))
     };
     match raw {
         RawPort::Number(n) => u16::try_from(n)
@@ -785,7 +932,10 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<Rules, ConfigError> {
-        let File { client_rule, socks_rule } = toml::from_str(text)?;
+        let File {
+            client_rule,
+            socks_rule,
+        } = toml::from_str(text)?;
         Rules::from_raw(client_rule, socks_rule)
     }
 
@@ -798,7 +948,13 @@ mod tests {
     }
 
     fn req(dest: Dest<'_>) -> RequestInfo<'_> {
-        RequestInfo { client: ip("192.0.2.10"), user: None, command: Command::Connect, version: 5, dest }
+        RequestInfo {
+            client: ip("192.0.2.10"),
+            user: None,
+            command: Command::Connect,
+            version: 5,
+            dest,
+        }
     }
 
     /// The rule that decided, or "default".
@@ -853,26 +1009,43 @@ mod tests {
         assert_eq!((v.action, v.rule, v.log), (Action::Pass, "loopback", false));
         assert_eq!(m, Some(&[AuthMethod::None, AuthMethod::Username][..]));
         let (v, m) = r.check_client(ip("10.9.9.9"));
-        assert_eq!((v.action, v.rule, v.log), (Action::Block, "client_rule[1]", true));
+        assert_eq!(
+            (v.action, v.rule, v.log),
+            (Action::Block, "client_rule[1]", true)
+        );
         assert_eq!(m, None);
         let (v, m) = r.check_client(ip("2001:db8::5"));
         assert_eq!((v.action, v.rule), (Action::Pass, "lan"));
         assert_eq!(m, Some(&[AuthMethod::Username][..]));
         let (v, _) = r.check_client(ip("198.51.100.1"));
-        assert_eq!(v, Verdict { action: Action::Block, rule: "default", log: false });
+        assert_eq!(
+            v,
+            Verdict {
+                action: Action::Block,
+                rule: "default",
+                log: false
+            }
+        );
     }
 
     #[test]
     fn ipv4_mapped_clients_match_ipv4_rules() {
         let r = rules(EXAMPLE);
         assert_eq!(r.check_client(ip("::ffff:127.0.0.1")).0.rule, "loopback");
-        assert_eq!(r.check_client(ip("::ffff:10.1.2.3")).0.rule, "client_rule[1]");
+        assert_eq!(
+            r.check_client(ip("::ffff:10.1.2.3")).0.rule,
+            "client_rule[1]"
+        );
         // Mapped notation in a rule is IPv4 too.
         let r = rules("[[client_rule]]\naction = \"pass\"\nfrom = [\"::ffff:192.0.2.0/120\"]");
         assert!(r.check_client(ip("192.0.2.7")).0.is_pass());
         assert!(r.check_client(ip("::ffff:192.0.2.7")).0.is_pass());
         assert!(!r.check_client(ip("192.0.3.7")).0.is_pass());
-        assert!(r.describe().contains("from 192.0.2.0/24"), "{}", r.describe());
+        assert!(
+            r.describe().contains("from 192.0.2.0/24"),
+            "{}",
+            r.describe()
+        );
     }
 
     #[test]
@@ -890,17 +1063,38 @@ mod tests {
         assert!(r.check_client(ip("::ffff:127.0.0.1")).0.is_pass());
         assert!(!r.check_client(ip("192.0.2.1")).0.is_pass());
         assert_eq!(r.check_client(ip("127.0.0.1")).1, None);
-        let q = RequestInfo { client: ip("127.0.0.1"), user: None, command: Command::Bind, version: 4, dest: Dest::Ip(ip("10.0.0.1"), 0) };
+        let q = RequestInfo {
+            client: ip("127.0.0.1"),
+            user: None,
+            command: Command::Bind,
+            version: 4,
+            dest: Dest::Ip(ip("10.0.0.1"), 0),
+        };
         assert!(r.check_request(&q).is_pass());
-        assert!(r.check_name(&RequestInfo { dest: Dest::Name("example.com", 443), ..q }).unwrap().is_pass());
+        assert!(r
+            .check_name(&RequestInfo {
+                dest: Dest::Name("example.com", 443),
+                ..q
+            })
+            .unwrap()
+            .is_pass());
     }
 
     #[test]
     fn destination_cidrs_and_mapped_addresses() {
         let r = rules(EXAMPLE);
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("10.1.2.3"), 80))), ("no-private", Action::Block));
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("::ffff:10.1.2.3"), 80))), ("no-private", Action::Block));
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("11.1.2.3"), 80))), ("web", Action::Pass));
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("10.1.2.3"), 80))),
+            ("no-private", Action::Block)
+        );
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("::ffff:10.1.2.3"), 80))),
+            ("no-private", Action::Block)
+        );
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("11.1.2.3"), 80))),
+            ("web", Action::Pass)
+        );
         let v = r.check_request(&req(Dest::Ip(ip("10.1.2.3"), 80)));
         assert!(v.log);
     }
@@ -919,7 +1113,11 @@ mod tests {
         let r = rules(EXAMPLE);
         // The rule also lists a CIDR, so a name it does not match must wait for its addresses.
         let v = r.check_name(&req(Dest::Name(name, 80)));
-        assert_eq!(v.map(|v| (v.rule, v.action)), blocked.then_some(("no-private", Action::Block)), "{name}");
+        assert_eq!(
+            v.map(|v| (v.rule, v.action)),
+            blocked.then_some(("no-private", Action::Block)),
+            "{name}"
+        );
         let v = r.check_request(&req(Dest::Resolved(name, ip("192.0.2.80"), 80)));
         assert_eq!(v.rule == "no-private", blocked, "{name}: {v:?}");
     }
@@ -933,29 +1131,74 @@ mod tests {
     #[case(22, "default")]
     fn destination_ports(#[case] port: u16, #[case] rule: &str) {
         let r = rules(EXAMPLE);
-        assert_eq!(r.check_request(&req(Dest::Ip(ip("198.51.100.1"), port))).rule, rule);
+        assert_eq!(
+            r.check_request(&req(Dest::Ip(ip("198.51.100.1"), port)))
+                .rule,
+            rule
+        );
     }
 
     #[test]
     fn commands_users_and_versions() {
         let r = rules(EXAMPLE);
         let dest = Dest::Ip(ip("198.51.100.1"), 5000);
-        let anon = RequestInfo { command: Command::UdpAssociate, ..req(dest) };
-        assert_eq!(r.check_request(&anon).rule, "default", "users set: unauthenticated does not match");
-        let bob = RequestInfo { user: Some("bob"), ..anon };
+        let anon = RequestInfo {
+            command: Command::UdpAssociate,
+            ..req(dest)
+        };
+        assert_eq!(
+            r.check_request(&anon).rule,
+            "default",
+            "users set: unauthenticated does not match"
+        );
+        let bob = RequestInfo {
+            user: Some("bob"),
+            ..anon
+        };
         assert_eq!(r.check_request(&bob).rule, "default");
-        let alice = RequestInfo { user: Some("alice"), ..anon };
+        let alice = RequestInfo {
+            user: Some("alice"),
+            ..anon
+        };
         assert_eq!(r.check_request(&alice).rule, "alice-udp");
-        assert_eq!(r.check_request(&RequestInfo { command: Command::Bind, ..alice }).rule, "alice-udp");
-        assert_eq!(r.check_request(&RequestInfo { command: Command::Connect, ..alice }).rule, "default");
+        assert_eq!(
+            r.check_request(&RequestInfo {
+                command: Command::Bind,
+                ..alice
+            })
+            .rule,
+            "alice-udp"
+        );
+        assert_eq!(
+            r.check_request(&RequestInfo {
+                command: Command::Connect,
+                ..alice
+            })
+            .rule,
+            "default"
+        );
         // No `users`: matches authenticated and unauthenticated alike.
         let web = req(Dest::Ip(ip("198.51.100.1"), 443));
         assert_eq!(r.check_request(&web).rule, "web");
-        assert_eq!(r.check_request(&RequestInfo { user: Some("bob"), ..web }).rule, "web");
-        assert_eq!(r.check_request(&RequestInfo { version: 4, ..web }).rule, "web");
+        assert_eq!(
+            r.check_request(&RequestInfo {
+                user: Some("bob"),
+                ..web
+            })
+            .rule,
+            "web"
+        );
+        assert_eq!(
+            r.check_request(&RequestInfo { version: 4, ..web }).rule,
+            "web"
+        );
         let r5 = rules("[[socks_rule]]\naction = \"pass\"\nversions = [5]");
-        assert!(r5.check_request(&RequestInfo { version: 5, ..web }).is_pass());
-        assert!(!r5.check_request(&RequestInfo { version: 4, ..web }).is_pass());
+        assert!(r5
+            .check_request(&RequestInfo { version: 5, ..web })
+            .is_pass());
+        assert!(!r5
+            .check_request(&RequestInfo { version: 4, ..web })
+            .is_pass());
     }
 
     #[test]
@@ -963,8 +1206,18 @@ mod tests {
         let r = rules("[[socks_rule]]\naction = \"pass\"\nfrom = [\"192.0.2.0/24\"]");
         let q = req(Dest::Ip(ip("198.51.100.1"), 443));
         assert!(r.check_request(&q).is_pass());
-        assert!(r.check_request(&RequestInfo { client: ip("::ffff:192.0.2.99"), ..q }).is_pass());
-        assert!(!r.check_request(&RequestInfo { client: ip("192.0.3.1"), ..q }).is_pass());
+        assert!(r
+            .check_request(&RequestInfo {
+                client: ip("::ffff:192.0.2.99"),
+                ..q
+            })
+            .is_pass());
+        assert!(!r
+            .check_request(&RequestInfo {
+                client: ip("192.0.3.1"),
+                ..q
+            })
+            .is_pass());
     }
 
     #[test]
@@ -985,12 +1238,38 @@ mod tests {
             to = ["192.0.2.128/25", "198.51.100.1"]
         "#,
         );
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("192.0.2.1"), 1))), ("a", Action::Pass));
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("192.0.2.200"), 1))), ("b", Action::Block));
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("198.51.100.1"), 1))), ("c", Action::Pass));
-        assert_eq!(decided(&r, &req(Dest::Ip(ip("198.51.100.2"), 1))), ("default", Action::Block));
-        assert_eq!(decided(&Rules::from_raw(vec![], vec![]).unwrap(), &req(Dest::Ip(ip("198.51.100.2"), 1))).1, Action::Block);
-        assert_eq!(Rules::from_raw(vec![], vec![]).unwrap().check_client(ip("127.0.0.1")).0.action, Action::Block);
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("192.0.2.1"), 1))),
+            ("a", Action::Pass)
+        );
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("192.0.2.200"), 1))),
+            ("b", Action::Block)
+        );
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("198.51.100.1"), 1))),
+            ("c", Action::Pass)
+        );
+        assert_eq!(
+            decided(&r, &req(Dest::Ip(ip("198.51.100.2"), 1))),
+            ("default", Action::Block)
+        );
+        assert_eq!(
+            decided(
+                &Rules::from_raw(vec![], vec![]).unwrap(),
+                &req(Dest::Ip(ip("198.51.100.2"), 1))
+            )
+            .1,
+            Action::Block
+        );
+        assert_eq!(
+            Rules::from_raw(vec![], vec![])
+                .unwrap()
+                .check_client(ip("127.0.0.1"))
+                .0
+                .action,
+            Action::Block
+        );
     }
 
     const BLOCK_PRIVATE_THEN_PASS: &str = r#"
@@ -1007,12 +1286,30 @@ mod tests {
     fn name_stage_defers_to_addresses_behind_a_cidr_rule() {
         let r = rules(BLOCK_PRIVATE_THEN_PASS);
         let q = req(Dest::Name("intranet.example.com", 443));
-        assert_eq!(r.check_name(&q), None, "a CIDR rule comes first: resolve and check each address");
+        assert_eq!(
+            r.check_name(&q),
+            None,
+            "a CIDR rule comes first: resolve and check each address"
+        );
         // The name cannot bypass the CIDR rule: each resolved address is checked.
-        let at = |a: &str| r.check_request(&RequestInfo { dest: Dest::Resolved("intranet.example.com", ip(a), 443), ..q });
-        assert_eq!((at("10.1.2.3").rule, at("10.1.2.3").action), ("no-private", Action::Block));
-        assert_eq!((at("::ffff:10.1.2.3").rule, at("::ffff:10.1.2.3").action), ("no-private", Action::Block));
-        assert_eq!((at("203.0.113.5").rule, at("203.0.113.5").action), ("rest", Action::Pass));
+        let at = |a: &str| {
+            r.check_request(&RequestInfo {
+                dest: Dest::Resolved("intranet.example.com", ip(a), 443),
+                ..q
+            })
+        };
+        assert_eq!(
+            (at("10.1.2.3").rule, at("10.1.2.3").action),
+            ("no-private", Action::Block)
+        );
+        assert_eq!(
+            (at("::ffff:10.1.2.3").rule, at("::ffff:10.1.2.3").action),
+            ("no-private", Action::Block)
+        );
+        assert_eq!(
+            (at("203.0.113.5").rule, at("203.0.113.5").action),
+            ("rest", Action::Pass)
+        );
     }
 
     #[test]
@@ -1039,16 +1336,22 @@ mod tests {
         );
         // The CIDR rule is skipped because its port does not match; the name rule that does not
         // match is skipped; the suffix rule decides without DNS.
-        let v = r.check_name(&req(Dest::Name("www.example.com", 443))).unwrap();
+        let v = r
+            .check_name(&req(Dest::Name("www.example.com", 443)))
+            .unwrap();
         assert_eq!((v.rule, v.action), ("allowed", Action::Pass));
         // And every resolved address agrees, even under the catch-all block.
         let v = r.check_request(&req(Dest::Resolved("www.example.com", ip("10.0.0.1"), 443)));
         assert_eq!((v.rule, v.action), ("allowed", Action::Pass));
         // A name-only rule decides a block without DNS too.
-        let v = r.check_name(&req(Dest::Name("other.example", 443))).unwrap();
+        let v = r
+            .check_name(&req(Dest::Name("other.example", 443)))
+            .unwrap();
         assert_eq!((v.rule, v.action), ("other-name", Action::Block));
         // No `to` matches any name.
-        let v = r.check_name(&req(Dest::Name("elsewhere.org", 443))).unwrap();
+        let v = r
+            .check_name(&req(Dest::Name("elsewhere.org", 443)))
+            .unwrap();
         assert_eq!((v.rule, v.action), ("catch-all", Action::Block));
         // On port 25 the CIDR rule applies, so the addresses decide.
         assert_eq!(r.check_name(&req(Dest::Name("www.example.com", 25))), None);
@@ -1065,8 +1368,13 @@ mod tests {
         // An unresolved name never matches a CIDR entry.
         let r = rules("[[socks_rule]]\naction = \"pass\"\nto = [\"0.0.0.0/0\"]");
         assert_eq!(r.check_name(&req(Dest::Name("b.example", 80))), None);
-        assert_eq!(r.check_request(&req(Dest::Name("b.example", 80))).rule, "default");
-        assert!(r.check_request(&req(Dest::Resolved("b.example", ip("192.0.2.1"), 80))).is_pass());
+        assert_eq!(
+            r.check_request(&req(Dest::Name("b.example", 80))).rule,
+            "default"
+        );
+        assert!(r
+            .check_request(&req(Dest::Resolved("b.example", ip("192.0.2.1"), 80)))
+            .is_pass());
     }
 
     #[test]
@@ -1077,8 +1385,14 @@ mod tests {
         assert_eq!(Dest::from(&a), Dest::Name("example.com", 80));
         let a = proxy_socks5::Address::Ip((Ipv4Addr::LOCALHOST, 22).into());
         assert_eq!(Dest::from(&a), Dest::Ip(ip("127.0.0.1"), 22));
-        assert_eq!(Command::from(proxy_socks5::Command::UdpAssociate), Command::UdpAssociate);
-        assert_eq!(proxy_socks5::Method::from(AuthMethod::Username), proxy_socks5::Method::UserPass);
+        assert_eq!(
+            Command::from(proxy_socks5::Command::UdpAssociate),
+            Command::UdpAssociate
+        );
+        assert_eq!(
+            proxy_socks5::Method::from(AuthMethod::Username),
+            proxy_socks5::Method::UserPass
+        );
     }
 
     #[test]
@@ -1086,8 +1400,14 @@ mod tests {
         let text = rules(EXAMPLE).describe();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 8, "{text}");
-        assert_eq!(lines[0], "client_rule[0] \"loopback\": pass from 127.0.0.0/8, ::1/128 methods none, username");
-        assert_eq!(lines[1], "client_rule[1] \"client_rule[1]\": block from 10.0.0.0/8 log");
+        assert_eq!(
+            lines[0],
+            "client_rule[0] \"loopback\": pass from 127.0.0.0/8, ::1/128 methods none, username"
+        );
+        assert_eq!(
+            lines[1],
+            "client_rule[1] \"client_rule[1]\": block from 10.0.0.0/8 log"
+        );
         assert_eq!(lines[3], "client default: block");
         assert_eq!(
             lines[4],
@@ -1107,51 +1427,123 @@ mod tests {
         }
         for r in [rules(EXAMPLE), Rules::loopback_default()] {
             let (client_rule, socks_rule) = r.to_raw();
-            let text = toml::to_string(&Out { client_rule, socks_rule }).unwrap();
+            let text = toml::to_string(&Out {
+                client_rule,
+                socks_rule,
+            })
+            .unwrap();
             assert_eq!(rules(&text), r, "{text}");
         }
     }
 
     #[rstest]
-    #[case::bad_cidr("[[socks_rule]]\naction = \"pass\"\nfrom = [\"10.0.0.0/33\"]", "socks_rule[0].from[0]")]
-    #[case::host_bits("[[client_rule]]\naction = \"pass\"\nfrom = [\"127.0.0.1/8\"]", "client_rule[0].from[0]")]
-    #[case::host_bits_to("[[socks_rule]]\naction = \"pass\"\nto = [\"a.example\", \"10.0.0.1/8\"]", "socks_rule[0].to[1]")]
+    #[case::bad_cidr(
+        "[[socks_rule]]\naction = \"pass\"\nfrom = [\"10.0.0.0/33\"]",
+        "socks_rule[0].from[0]"
+    )]
+    #[case::host_bits(
+        "[[client_rule]]\naction = \"pass\"\nfrom = [\"127.0.0.1/8\"]",
+        "client_rule[0].from[0]"
+    )]
+    #[case::host_bits_to(
+        "[[socks_rule]]\naction = \"pass\"\nto = [\"a.example\", \"10.0.0.1/8\"]",
+        "socks_rule[0].to[1]"
+    )]
     #[case::backwards_range("[[socks_rule]]\naction = \"pass\"\n[[socks_rule]]\naction = \"pass\"\n[[socks_rule]]\naction = \"pass\"\nports = [\"80\", \"10-5\"]", "socks_rule[2].ports[1]")]
-    #[case::port_too_big("[[socks_rule]]\naction = \"pass\"\nports = [65536]", "socks_rule[0].ports[0]")]
-    #[case::port_text("[[socks_rule]]\naction = \"pass\"\nports = [\"http\"]", "socks_rule[0].ports[0]")]
-    #[case::unknown_command("[[socks_rule]]\naction = \"pass\"\ncommands = [\"connect\", \"ping\"]", "socks_rule[0].commands[1]")]
-    #[case::unknown_method("[[client_rule]]\naction = \"pass\"\nmethods = [\"gssapi\"]", "client_rule[0].methods[0]")]
-    #[case::bad_version("[[socks_rule]]\naction = \"pass\"\nversions = [6]", "socks_rule[0].versions[0]")]
+    #[case::port_too_big(
+        "[[socks_rule]]\naction = \"pass\"\nports = [65536]",
+        "socks_rule[0].ports[0]"
+    )]
+    #[case::port_text(
+        "[[socks_rule]]\naction = \"pass\"\nports = [\"http\"]",
+        "socks_rule[0].ports[0]"
+    )]
+    #[case::unknown_command(
+        "[[socks_rule]]\naction = \"pass\"\ncommands = [\"connect\", \"ping\"]",
+        "socks_rule[0].commands[1]"
+    )]
+    #[case::unknown_method(
+        "[[client_rule]]\naction = \"pass\"\nmethods = [\"gssapi\"]",
+        "client_rule[0].methods[0]"
+    )]
+    #[case::bad_version(
+        "[[socks_rule]]\naction = \"pass\"\nversions = [6]",
+        "socks_rule[0].versions[0]"
+    )]
     #[case::missing_action("[[socks_rule]]\nname = \"x\"", "socks_rule[0].action")]
     #[case::bad_action("[[client_rule]]\naction = \"allow\"", "client_rule[0].action")]
     #[case::empty_list("[[socks_rule]]\naction = \"pass\"\nto = []", "socks_rule[0].to")]
-    #[case::wildcard("[[socks_rule]]\naction = \"pass\"\nto = [\"*.example.com\"]", "socks_rule[0].to[0]")]
-    #[case::bad_name("[[socks_rule]]\naction = \"pass\"\nto = [\"exa mple.com\"]", "socks_rule[0].to[0]")]
-    #[case::bad_ipv4("[[socks_rule]]\naction = \"pass\"\nto = [\"300.1.1.1\"]", "socks_rule[0].to[0]")]
-    #[case::bad_ipv6("[[socks_rule]]\naction = \"pass\"\nto = [\"fe80::1::2\"]", "socks_rule[0].to[0]")]
-    #[case::bare_dot("[[socks_rule]]\naction = \"pass\"\nto = [\".\"]", "socks_rule[0].to[0]")]
-    #[case::empty_user("[[socks_rule]]\naction = \"pass\"\nusers = [\"\"]", "socks_rule[0].users[0]")]
+    #[case::wildcard(
+        "[[socks_rule]]\naction = \"pass\"\nto = [\"*.example.com\"]",
+        "socks_rule[0].to[0]"
+    )]
+    #[case::bad_name(
+        "[[socks_rule]]\naction = \"pass\"\nto = [\"exa mple.com\"]",
+        "socks_rule[0].to[0]"
+    )]
+    #[case::bad_ipv4(
+        "[[socks_rule]]\naction = \"pass\"\nto = [\"300.1.1.1\"]",
+        "socks_rule[0].to[0]"
+    )]
+    #[case::bad_ipv6(
+        "[[socks_rule]]\naction = \"pass\"\nto = [\"fe80::1::2\"]",
+        "socks_rule[0].to[0]"
+    )]
+    #[case::bare_dot(
+        "[[socks_rule]]\naction = \"pass\"\nto = [\".\"]",
+        "socks_rule[0].to[0]"
+    )]
+    #[case::empty_user(
+        "[[socks_rule]]\naction = \"pass\"\nusers = [\"\"]",
+        "socks_rule[0].users[0]"
+    )]
     #[case::duplicate_name("[[client_rule]]\nname = \"a\"\naction = \"pass\"\n[[client_rule]]\nname = \"a\"\naction = \"block\"", "client_rule[1].name")]
-    #[case::reserved_name("[[socks_rule]]\nname = \"default\"\naction = \"pass\"", "socks_rule[0].name")]
+    #[case::reserved_name(
+        "[[socks_rule]]\nname = \"default\"\naction = \"pass\"",
+        "socks_rule[0].name"
+    )]
     fn config_errors_name_the_key(#[case] text: &str, #[case] key: &str) {
         let err = parse(text).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
-        assert!(err.to_string().contains(&format!("`{key}`")), "{text:?}: {err}");
+        assert!(
+            err.to_string().contains(&format!("`{key}`")),
+            "{text:?}: {err}"
+        );
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = parse("[[socks_rule]]\naction = \"pass\"\nport = [\"80\"]").unwrap_err().to_string();
+        let err = parse("[[socks_rule]]\naction = \"pass\"\nport = [\"80\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("port"), "{err}");
-        let err = parse("[[client_rule]]\naction = \"pass\"\nto = [\"10.0.0.0/8\"]").unwrap_err().to_string();
+        let err = parse("[[client_rule]]\naction = \"pass\"\nto = [\"10.0.0.0/8\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `to`"), "{err}");
     }
 
     #[test]
     fn names_are_normalised_in_the_config() {
-        let r = rules("[[socks_rule]]\naction = \"block\"\nto = [\"DB.Example.com.\", \".Corp.Example.\"]");
-        assert_eq!(r.check_name(&req(Dest::Name("db.example.COM", 1))).unwrap().action, Action::Block);
-        assert_eq!(r.check_name(&req(Dest::Name("x.corp.example", 1))).unwrap().action, Action::Block);
-        assert!(r.describe().contains("to db.example.com, .corp.example"), "{}", r.describe());
+        let r = rules(
+            "[[socks_rule]]\naction = \"block\"\nto = [\"DB.Example.com.\", \".Corp.Example.\"]",
+        );
+        assert_eq!(
+            r.check_name(&req(Dest::Name("db.example.COM", 1)))
+                .unwrap()
+                .action,
+            Action::Block
+        );
+        assert_eq!(
+            r.check_name(&req(Dest::Name("x.corp.example", 1)))
+                .unwrap()
+                .action,
+            Action::Block
+        );
+        assert!(
+            r.describe().contains("to db.example.com, .corp.example"),
+            "{}",
+            r.describe()
+        );
     }
 }

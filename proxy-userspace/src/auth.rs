@@ -110,15 +110,19 @@ pub struct UserDb {
 impl fmt::Debug for UserDb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Hashes stay out of logs.
-        f.debug_struct("UserDb").field("users", &self.users.len()).finish_non_exhaustive()
+        f.debug_struct("UserDb")
+            .field("users", &self.users.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl UserDb {
     /// Reads and validates a users file (see [`UserDb::from_str`] for the format).
     pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AuthError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_str(&text, &path.display().to_string())
     }
 
@@ -134,7 +138,11 @@ impl UserDb {
         let mut users: HashMap<Box<[u8]>, PasswordHash> = HashMap::new();
         let mut first: Option<PasswordHash> = None;
         for (i, raw_line) in text.lines().enumerate() {
-            let err = |problem: String| AuthError::Line { origin: origin.to_owned(), line: i + 1, problem };
+            let err = |problem: String| AuthError::Line {
+                origin: origin.to_owned(),
+                line: i + 1,
+                problem,
+            };
             let line = raw_line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -146,7 +154,9 @@ impl UserDb {
                 return Err(err("empty username".to_owned()));
             }
             if user.len() > MAX_USERNAME_LEN {
-                return Err(err(format!("username longer than {MAX_USERNAME_LEN} bytes (the RFC 1929 limit)")));
+                return Err(err(format!(
+                    "username longer than {MAX_USERNAME_LEN} bytes (the RFC 1929 limit)"
+                )));
             }
             let hash = parse_hash(hash.trim()).map_err(err)?;
             if users.contains_key(user.as_bytes()) {
@@ -159,7 +169,8 @@ impl UserDb {
         // (all made by the same `hash-password`); the result is discarded.
         let dummy = match first {
             Some(h) => h,
-            None => PasswordHash::new(EMPTY_DB_DUMMY).unwrap_or_else(|e| unreachable!("embedded dummy hash: {e}")),
+            None => PasswordHash::new(EMPTY_DB_DUMMY)
+                .unwrap_or_else(|e| unreachable!("embedded dummy hash: {e}")),
         };
         let mut cache_key = [0u8; 32];
         if let Err(e) = getrandom::fill(&mut cache_key) {
@@ -231,8 +242,12 @@ impl UserDb {
     /// Keyed BLAKE2b-256 of (length of user, user, password): what the cache stores instead of
     /// the password. The length prefix keeps `ab`+`c` apart from `a`+`bc`.
     fn cache_digest(&self, user: &[u8], password: &[u8]) -> [u8; 32] {
-        let mut mac = Blake2bMac::<U32>::new_with_salt_and_personal(Some(&self.cache_key), b"", b"ebsocks-auth")
-            .unwrap_or_else(|e| unreachable!("32-byte key, 12-byte persona: {e}"));
+        let mut mac = Blake2bMac::<U32>::new_with_salt_and_personal(
+            Some(&self.cache_key),
+            b"",
+            b"ebsocks-auth",
+        )
+        .unwrap_or_else(|e| unreachable!("32-byte key, 12-byte persona: {e}"));
         mac.update(&(user.len() as u64).to_le_bytes());
         mac.update(user);
         mac.update(password);
@@ -245,12 +260,16 @@ impl UserDb {
 fn parse_hash(field: &str) -> Result<PasswordHash, String> {
     const HOW: &str = "make one with `ebsocks hash-password`";
     if !field.starts_with('$') {
-        return Err(format!("the password is not a hash (plain-text passwords are refused; {HOW})"));
+        return Err(format!(
+            "the password is not a hash (plain-text passwords are refused; {HOW})"
+        ));
     }
     // Not quoted either: a plain-text password may well start with `$`.
     let scheme = field[1..].split('$').next().unwrap_or_default();
     if Algorithm::try_from(scheme).is_err() {
-        return Err(format!("unsupported hash scheme (only Argon2, `$argon2id$...`, is supported; {HOW})"));
+        return Err(format!(
+            "unsupported hash scheme (only Argon2, `$argon2id$...`, is supported; {HOW})"
+        ));
     }
     let hash = PasswordHash::new(field)
         .map_err(|e| format!("the password is not a valid PHC hash string ({e}); {HOW}"))?;
@@ -261,7 +280,10 @@ fn parse_hash(field: &str) -> Result<PasswordHash, String> {
         return Err(format!("the hash has no salt or no output; {HOW}"));
     }
     let params = Params::try_from(&hash).map_err(|e| format!("bad Argon2 parameters ({e})"))?;
-    if params.m_cost() > MAX_M_COST_KIB || params.t_cost() > MAX_T_COST || params.p_cost() > MAX_P_COST {
+    if params.m_cost() > MAX_M_COST_KIB
+        || params.t_cost() > MAX_T_COST
+        || params.p_cost() > MAX_P_COST
+    {
         return Err(format!(
             "Argon2 cost too high (m={} KiB, t={}, p={}; limits are m={MAX_M_COST_KIB}, t={MAX_T_COST}, p={MAX_P_COST})",
             params.m_cost(),
@@ -307,13 +329,20 @@ struct GateSlot<'a>(&'a Gate);
 
 impl Gate {
     fn new(max: usize) -> Self {
-        Self { busy: Mutex::new(0), freed: Condvar::new(), max: max.max(1) }
+        Self {
+            busy: Mutex::new(0),
+            freed: Condvar::new(),
+            max: max.max(1),
+        }
     }
 
     fn enter(&self) -> GateSlot<'_> {
         let mut busy = lock(&self.busy);
         while *busy >= self.max {
-            busy = self.freed.wait(busy).unwrap_or_else(PoisonError::into_inner);
+            busy = self
+                .freed
+                .wait(busy)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         *busy += 1;
         GateSlot(self)
@@ -371,14 +400,19 @@ impl FailureTracker {
     }
 
     fn with_capacity(cap: usize) -> Self {
-        Self { table: Mutex::new(HashMap::new()), cap: cap.max(1) }
+        Self {
+            table: Mutex::new(HashMap::new()),
+            cap: cap.max(1),
+        }
     }
 
     /// How long an authentication attempt from `ip` must still wait at `now`: the backoff of its
     /// last failure minus the time since then (zero for an address with no recent failure).
     pub fn delay(&self, ip: IpAddr, now: Instant) -> Duration {
         let table = lock(&self.table);
-        let Some(f) = table.get(&source_key(ip)) else { return Duration::ZERO };
+        let Some(f) = table.get(&source_key(ip)) else {
+            return Duration::ZERO;
+        };
         if now.saturating_duration_since(f.last) >= FAILURE_IDLE_EXPIRY {
             return Duration::ZERO;
         }
@@ -392,7 +426,10 @@ impl FailureTracker {
         if !table.contains_key(&key) && table.len() >= self.cap {
             evict(&mut table, self.cap, now);
         }
-        let f = table.entry(key).or_insert(Failures { count: 0, last: now });
+        let f = table.entry(key).or_insert(Failures {
+            count: 0,
+            last: now,
+        });
         if now.saturating_duration_since(f.last) >= FAILURE_IDLE_EXPIRY {
             f.count = 0;
         }
@@ -415,7 +452,9 @@ impl FailureTracker {
 fn backoff(count: u32) -> Duration {
     match count {
         0 => Duration::ZERO,
-        n => FAILURE_BASE_DELAY.saturating_mul(1 << (n - 1).min(16)).min(FAILURE_MAX_DELAY),
+        n => FAILURE_BASE_DELAY
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(FAILURE_MAX_DELAY),
     }
 }
 
@@ -448,11 +487,17 @@ mod tests {
 
     /// Argon2 at its minimum cost: unoptimised test builds would take seconds per hash otherwise.
     fn cheap(password: &str) -> String {
-        hash_with(password.as_bytes(), Params::new(Params::MIN_M_COST, 1, 1, None).unwrap())
+        hash_with(
+            password.as_bytes(),
+            Params::new(Params::MIN_M_COST, 1, 1, None).unwrap(),
+        )
     }
 
     fn db(lines: &[(&str, &str)]) -> UserDb {
-        let text: String = lines.iter().map(|(u, p)| format!("{u}:{}\n", cheap(p))).collect();
+        let text: String = lines
+            .iter()
+            .map(|(u, p)| format!("{u}:{}\n", cheap(p)))
+            .collect();
         UserDb::from_str(&text, "users.txt").unwrap()
     }
 
@@ -496,7 +541,11 @@ mod tests {
         assert!(db.verify_at(b"alice", b"pw-a", t0));
         assert_eq!(db.hashes.load(Ordering::Relaxed), 1);
         assert!(db.verify_at(b"alice", b"pw-a", t0 + Duration::from_secs(60)));
-        assert_eq!(db.hashes.load(Ordering::Relaxed), 1, "second login is a cache hit");
+        assert_eq!(
+            db.hashes.load(Ordering::Relaxed),
+            1,
+            "second login is a cache hit"
+        );
         // A wrong password is not served from the cache.
         assert!(!db.verify_at(b"alice", b"pw-b", t0));
         assert_eq!(db.hashes.load(Ordering::Relaxed), 2);
@@ -510,7 +559,9 @@ mod tests {
     #[test]
     fn plain_text_is_refused_with_its_line_and_without_echo() {
         let text = format!("# users\nalice:{}\nbob:hunter2\n", cheap("x"));
-        let err = UserDb::from_str(&text, "/etc/ebsocks/users").unwrap_err().to_string();
+        let err = UserDb::from_str(&text, "/etc/ebsocks/users")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("/etc/ebsocks/users:3: "), "{err}");
         assert!(err.contains("plain-text"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
@@ -523,9 +574,19 @@ mod tests {
             ("alice".to_owned(), "expected `username:hash`"),
             (format!(":{good}"), "empty username"),
             (format!("{}:{good}", "u".repeat(256)), "255"),
-            ("alice:$2b$12$abcdefghijklmnopqrstuv".to_owned(), "unsupported hash scheme"),
-            ("alice:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ".to_owned(), "no salt or no output"),
-            ("alice:$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".to_owned(), "cost too high"),
+            (
+                "alice:$2b$12$abcdefghijklmnopqrstuv".to_owned(),
+                "unsupported hash scheme",
+            ),
+            (
+                "alice:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ".to_owned(),
+                "no salt or no output",
+            ),
+            (
+                "alice:$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+                    .to_owned(),
+                "cost too high",
+            ),
             (format!("alice:{good}\nalice:{good}"), "listed twice"),
         ];
         for (text, want) in cases {
@@ -538,7 +599,10 @@ mod tests {
     fn load_names_the_file() {
         let err = UserDb::load(Path::new("/nonexistent/ebsocks-users")).unwrap_err();
         assert!(matches!(err, AuthError::Read { .. }));
-        assert!(err.to_string().contains("/nonexistent/ebsocks-users"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/ebsocks-users"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -550,7 +614,9 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|i| {
                 let db = db.clone();
-                std::thread::spawn(move || db.verify(b"alice", if i % 2 == 0 { b"pw-a" } else { b"nope" }))
+                std::thread::spawn(move || {
+                    db.verify(b"alice", if i % 2 == 0 { b"pw-a" } else { b"nope" })
+                })
             })
             .collect();
         let results: Vec<bool> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -585,7 +651,10 @@ mod tests {
         let now = Instant::now();
         t.failed(A, now);
         t.failed(A, now);
-        assert_eq!(t.delay(A, now + Duration::from_millis(200)), Duration::from_millis(300));
+        assert_eq!(
+            t.delay(A, now + Duration::from_millis(200)),
+            Duration::from_millis(300)
+        );
         assert_eq!(t.delay(A, now + Duration::from_secs(1)), Duration::ZERO);
     }
 
@@ -622,8 +691,14 @@ mod tests {
         t.failed("::ffff:192.0.2.1".parse().unwrap(), now);
         assert_eq!(t.delay(A, now), FAILURE_BASE_DELAY);
         t.failed("2001:db8:1:2::1".parse().unwrap(), now);
-        assert_eq!(t.delay("2001:db8:1:2:aaaa::9".parse().unwrap(), now), FAILURE_BASE_DELAY);
-        assert_eq!(t.delay("2001:db8:1:3::1".parse().unwrap(), now), Duration::ZERO);
+        assert_eq!(
+            t.delay("2001:db8:1:2:aaaa::9".parse().unwrap(), now),
+            FAILURE_BASE_DELAY
+        );
+        assert_eq!(
+            t.delay("2001:db8:1:3::1".parse().unwrap(), now),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -631,15 +706,25 @@ mod tests {
         let t = FailureTracker::with_capacity(64);
         let start = Instant::now();
         for i in 0..64u32 {
-            t.failed(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), start + Duration::from_millis(u64::from(i)));
+            t.failed(
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                start + Duration::from_millis(u64::from(i)),
+            );
         }
         assert_eq!(t.len(), 64);
         let newest = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + 63));
         let now = start + Duration::from_secs(1);
         t.failed(B, now);
         assert!(t.len() <= 64);
-        assert_eq!(t.delay(IpAddr::V4(Ipv4Addr::from(0x0a00_0000)), now), Duration::ZERO, "oldest evicted");
-        assert!(t.delay(newest, start + Duration::from_millis(63)) > Duration::ZERO, "newest kept");
+        assert_eq!(
+            t.delay(IpAddr::V4(Ipv4Addr::from(0x0a00_0000)), now),
+            Duration::ZERO,
+            "oldest evicted"
+        );
+        assert!(
+            t.delay(newest, start + Duration::from_millis(63)) > Duration::ZERO,
+            "newest kept"
+        );
         assert_eq!(t.delay(B, now), FAILURE_BASE_DELAY);
         // Expired entries make room first.
         let much_later = now + FAILURE_IDLE_EXPIRY;

@@ -25,8 +25,11 @@ pub enum Command {
         /// The TOML file.
         file: PathBuf,
     },
-    /// Print the counters of a running daemon (reads its pinned BPF maps).
+    /// Print the counters of a running daemon (reads its pinned BPF maps, and asks its control
+    /// socket about itself).
     Stats(StatsArgs),
+    /// List a running daemon's live sessions, one line each (asks its control socket).
+    Sessions(SessionsArgs),
     /// Read a password on standard input and print its hash, for `auth.users_file`
     /// (`name:HASH` per line).
     HashPassword,
@@ -83,7 +86,33 @@ pub struct StatsArgs {
     /// The daemon's `pin_dir`.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/ebsocks")]
     pub pin_dir: PathBuf,
+    /// The daemon's control socket (default: derived from --pin-dir as the daemon does).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every --interval seconds (with --json: one JSON object per line).
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, requires = "watch")]
+    pub interval: f64,
+    /// Stop after N refreshes with --watch (default: until interrupted).
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
+}
+
+/// `ebsocks sessions`.
+#[derive(Debug, clap::Args)]
+pub struct SessionsArgs {
+    /// The daemon's `pin_dir`, from which the default control socket is derived.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/ebsocks")]
+    pub pin_dir: PathBuf,
+    /// The daemon's control socket (default: derived from --pin-dir as the daemon does).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
 }

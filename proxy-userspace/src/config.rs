@@ -37,6 +37,11 @@ data_path = "auto"
 # bpffs directory where the counters are pinned for `ebsocks stats`.
 pin_dir = "/sys/fs/bpf/ebsocks"
 
+# Unix socket (mode 0600, root only) where `ebsocks sessions` and `ebsocks stats` ask the
+# daemon about live sessions; "off" disables it. Default: /run/ebsocks/ followed by the last
+# component of pin_dir and ".sock", here /run/ebsocks/ebsocks.sock.
+# control_socket = "/run/ebsocks/ebsocks.sock"
+
 # Client addresses allowed to connect (CIDR), closed at accept time otherwise. A shorthand for
 # one `pass` client rule per network; use [[client_rule]] tables instead for more control.
 allow_clients = ["127.0.0.0/8", "::1/128"]
@@ -88,6 +93,12 @@ drain = "10s"
 [log]
 level = "info"      # error | warn | info | debug | trace (RUST_LOG overrides)
 format = "text"     # text | json
+
+[metrics]
+# Prometheus exposition (OpenMetrics text) at http://LISTEN/metrics; off unless set. Only a
+# loopback address is accepted unless allow_remote = true.
+# listen = "127.0.0.1:9108"
+# allow_remote = false
 "#;
 
 /// How established TCP sessions carry payload (`data_path`).
@@ -113,7 +124,9 @@ impl FromStr for DataPathMode {
             "sockmap" => Ok(Self::Sockmap),
             "splice" => Ok(Self::Splice),
             "copy" => Ok(Self::Copy),
-            other => Err(format!("unknown data path {other:?} (expected auto, sockmap, splice or copy)")),
+            other => Err(format!(
+                "unknown data path {other:?} (expected auto, sockmap, splice or copy)"
+            )),
         }
     }
 }
@@ -186,6 +199,37 @@ pub struct Limits {
     pub user_bandwidth: BTreeMap<String, u64>,
 }
 
+/// Where the control socket goes (`control_socket`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// Derived from `pin_dir`: see [`default_control_socket`].
+    #[default]
+    Default,
+    /// This path.
+    Path(PathBuf),
+    /// No control socket.
+    Off,
+}
+
+/// The control socket path used when `control_socket` is not set: `/run/ebsocks/` followed by
+/// the last component of `pin_dir` and `.sock`, so daemons with different pin directories do not
+/// collide.
+pub fn default_control_socket(pin_dir: &std::path::Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or_else(|| "ebsocks".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from("/run/ebsocks").join(format!("{name}.sock"))
+}
+
+/// The Prometheus endpoint (`[metrics]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address of the HTTP listener; None: no endpoint.
+    pub listen: Option<SocketAddr>,
+    /// Whether a non-loopback `listen` is accepted.
+    pub allow_remote: bool,
+}
+
 /// Logging settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogConfig {
@@ -204,6 +248,8 @@ pub struct Config {
     pub data_path: DataPathMode,
     /// bpffs directory for pinned maps.
     pub pin_dir: PathBuf,
+    /// The control socket setting; [`Config::control_socket_path`] resolves it.
+    pub control_socket: ControlSocket,
     /// Client networks allowed to connect (shorthand kept for `to_toml`).
     pub allow_clients: Vec<IpNet>,
     /// Authentication.
@@ -216,6 +262,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Logging.
     pub log: LogConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Client and request rules.
     pub rules: Arc<Rules>,
     raw_rules: (Vec<RawClientRule>, Vec<RawSocksRule>),
@@ -247,7 +295,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, problem: impl fmt::Display) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), problem: problem.to_string() }
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.to_string(),
+    }
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -256,12 +307,14 @@ struct RawConfig {
     listen: Option<Vec<String>>,
     data_path: Option<String>,
     pin_dir: Option<String>,
+    control_socket: Option<String>,
     allow_clients: Option<Vec<String>>,
     auth: Option<RawAuth>,
     outgoing: Option<RawOutgoing>,
     limits: Option<RawLimits>,
     timeouts: Option<RawTimeouts>,
     log: Option<RawLog>,
+    metrics: Option<RawMetrics>,
     client_rule: Option<Vec<RawClientRule>>,
     socks_rule: Option<Vec<RawSocksRule>>,
 }
@@ -303,6 +356,13 @@ struct RawTimeouts {
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    allow_remote: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<String>,
@@ -313,7 +373,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"10s\" or \"250ms\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"10s\" or \"250ms\""))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -332,13 +394,19 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     }
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a rate like \"100mbit\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate like \"100mbit\""))?;
     let bits = match unit {
         "bit" => n,
         "kbit" => n.saturating_mul(1_000),
         "mbit" => n.saturating_mul(1_000_000),
         "gbit" => n.saturating_mul(1_000_000_000),
-        _ => return Err(format!("{s:?} needs a unit: bit, kbit, mbit or gbit (per second)")),
+        _ => {
+            return Err(format!(
+                "{s:?} needs a unit: bit, kbit, mbit or gbit (per second)"
+            ))
+        }
     };
     Ok(bits / 8)
 }
@@ -377,8 +445,10 @@ impl Config {
 
     /// Reads and validates a file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text)
     }
 
@@ -388,16 +458,43 @@ impl Config {
         Self::parse(DEFAULT_CONFIG).unwrap_or_else(|e| unreachable!("embedded default config: {e}"))
     }
 
+    /// The control socket path in force, None when disabled.
+    pub fn control_socket_path(&self) -> Option<PathBuf> {
+        match &self.control_socket {
+            ControlSocket::Default => Some(default_control_socket(&self.pin_dir)),
+            ControlSocket::Path(p) => Some(p.clone()),
+            ControlSocket::Off => None,
+        }
+    }
+
     /// The effective configuration as TOML, every key present, followed by the rule list.
     pub fn to_toml(&self) -> String {
-        let Self { listen, data_path, pin_dir, allow_clients, auth, outgoing, limits, timeouts, log, rules, raw_rules } =
-            self;
+        let Self {
+            listen,
+            data_path,
+            pin_dir,
+            control_socket: _,
+            allow_clients,
+            auth,
+            outgoing,
+            limits,
+            timeouts,
+            log,
+            metrics,
+            rules,
+            raw_rules,
+        } = self;
         let (client_rule, socks_rule) = raw_rules.clone();
         let raw = RawConfig {
             listen: Some(listen.iter().map(ToString::to_string).collect()),
             data_path: Some(format!("{data_path:?}").to_lowercase()),
             pin_dir: Some(pin_dir.display().to_string()),
-            allow_clients: (client_rule.is_empty()).then(|| allow_clients.iter().map(ToString::to_string).collect()),
+            control_socket: Some(
+                self.control_socket_path()
+                    .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
+            allow_clients: (client_rule.is_empty())
+                .then(|| allow_clients.iter().map(ToString::to_string).collect()),
             auth: Some(RawAuth {
                 methods: Some(auth.methods.iter().map(|m| m.as_str().to_owned()).collect()),
                 users_file: auth.users_file.as_ref().map(|p| p.display().to_string()),
@@ -411,7 +508,13 @@ impl Config {
                 max_sessions: Some(limits.max_sessions),
                 max_sessions_per_client: Some(limits.max_sessions_per_client),
                 bandwidth: Some(format_rate(limits.bandwidth)),
-                user_bandwidth: Some(limits.user_bandwidth.iter().map(|(u, r)| (u.clone(), format_rate(*r))).collect()),
+                user_bandwidth: Some(
+                    limits
+                        .user_bandwidth
+                        .iter()
+                        .map(|(u, r)| (u.clone(), format_rate(*r)))
+                        .collect(),
+                ),
             }),
             timeouts: Some(RawTimeouts {
                 negotiation: Some(format_duration(timeouts.negotiation)),
@@ -425,11 +528,18 @@ impl Config {
                 level: Some(log.level.clone()),
                 format: Some(format!("{:?}", log.format).to_lowercase()),
             }),
+            metrics: Some(RawMetrics {
+                listen: metrics.listen.map(|a| a.to_string()),
+                allow_remote: Some(metrics.allow_remote),
+            }),
             client_rule: (!client_rule.is_empty()).then_some(client_rule),
             socks_rule: (!socks_rule.is_empty()).then_some(socks_rule),
         };
-        let mut out = toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"));
-        out.push_str("\n# Effective rules, in evaluation order (first match wins, default block):\n");
+        let mut out = toml::to_string(&raw)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"));
+        out.push_str(
+            "\n# Effective rules, in evaluation order (first match wins, default block):\n",
+        );
         for line in rules.describe().lines() {
             out.push_str("#   ");
             out.push_str(line);
@@ -447,23 +557,33 @@ impl TryFrom<RawConfig> for Config {
             listen,
             data_path,
             pin_dir,
+            control_socket,
             allow_clients,
             auth,
             outgoing,
             limits,
             timeouts,
             log,
+            metrics,
             client_rule,
             socks_rule,
         } = raw;
 
         let listen = match listen {
-            None => vec!["127.0.0.1:1080".parse().expect("literal"), "[::1]:1080".parse().expect("literal")],
+            None => vec![
+                "127.0.0.1:1080".parse().expect("literal"),
+                "[::1]:1080".parse().expect("literal"),
+            ],
             Some(list) => {
                 let mut out = Vec::with_capacity(list.len());
                 for (i, a) in list.iter().enumerate() {
                     let addr: SocketAddr = a.parse().map_err(|_| {
-                        invalid(format!("listen[{i}]"), format!("{a:?} is not an address like \"127.0.0.1:1080\" or \"[::1]:1080\""))
+                        invalid(
+                            format!("listen[{i}]"),
+                            format!(
+                                "{a:?} is not an address like \"127.0.0.1:1080\" or \"[::1]:1080\""
+                            ),
+                        )
                     })?;
                     out.push(addr);
                 }
@@ -481,12 +601,58 @@ impl TryFrom<RawConfig> for Config {
 
         let pin_dir = PathBuf::from(pin_dir.unwrap_or_else(|| "/sys/fs/bpf/ebsocks".to_owned()));
         if !pin_dir.is_absolute() {
-            return Err(invalid("pin_dir", "must be an absolute path under a bpffs mount"));
+            return Err(invalid(
+                "pin_dir",
+                "must be an absolute path under a bpffs mount",
+            ));
         }
+
+        let control_socket = match control_socket.as_deref() {
+            None => ControlSocket::Default,
+            Some("off") => ControlSocket::Off,
+            Some(p) if p.starts_with('/') => ControlSocket::Path(PathBuf::from(p)),
+            Some(p) => {
+                return Err(invalid(
+                    "control_socket",
+                    format!("{p:?} is not an absolute path or \"off\""),
+                ))
+            }
+        };
+
+        let RawMetrics {
+            listen: metrics_listen,
+            allow_remote,
+        } = metrics.unwrap_or_default();
+        let allow_remote = allow_remote.unwrap_or(false);
+        let metrics_listen = match metrics_listen {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    invalid(
+                        "metrics.listen",
+                        format!("{a:?} is not an address like \"127.0.0.1:9108\""),
+                    )
+                })?;
+                if !addr.ip().to_canonical().is_loopback() && !allow_remote {
+                    return Err(invalid(
+                        "metrics.listen",
+                        format!("{addr} is not a loopback address; set metrics.allow_remote = true to expose the counters"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let metrics = MetricsConfig {
+            listen: metrics_listen,
+            allow_remote,
+        };
 
         let allow_clients_given = allow_clients.is_some();
         let allow_clients = match allow_clients {
-            None => vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")],
+            None => vec![
+                "127.0.0.0/8".parse().expect("literal"),
+                "::1/128".parse().expect("literal"),
+            ],
             Some(list) => {
                 let mut out = Vec::with_capacity(list.len());
                 for (i, c) in list.iter().enumerate() {
@@ -496,7 +662,14 @@ impl TryFrom<RawConfig> for Config {
             }
         };
 
-        let RawTimeouts { negotiation, connect, idle, bind, udp_idle, drain } = timeouts.unwrap_or_default();
+        let RawTimeouts {
+            negotiation,
+            connect,
+            idle,
+            bind,
+            udp_idle,
+            drain,
+        } = timeouts.unwrap_or_default();
         let timeouts = Timeouts {
             negotiation: duration("timeouts.negotiation", negotiation, Duration::from_secs(10))?,
             connect: duration("timeouts.connect", connect, Duration::from_secs(10))?,
@@ -506,13 +679,17 @@ impl TryFrom<RawConfig> for Config {
             drain: duration("timeouts.drain", drain, Duration::from_secs(10))?,
         };
 
-        let RawAuth { methods, users_file } = auth.unwrap_or_default();
+        let RawAuth {
+            methods,
+            users_file,
+        } = auth.unwrap_or_default();
         let methods = match methods {
             None => vec![AuthMethod::None],
             Some(list) => {
                 let mut out = Vec::new();
                 for (i, m) in list.iter().enumerate() {
-                    let m = AuthMethod::parse(m).map_err(|p| invalid(format!("auth.methods[{i}]"), p))?;
+                    let m = AuthMethod::parse(m)
+                        .map_err(|p| invalid(format!("auth.methods[{i}]"), p))?;
                     if !out.contains(&m) {
                         out.push(m);
                     }
@@ -525,58 +702,100 @@ impl TryFrom<RawConfig> for Config {
         }
         let users_file = users_file.map(PathBuf::from);
         let users = match &users_file {
-            Some(path) => Some(Arc::new(UserDb::load(path).map_err(|e| invalid("auth.users_file", e))?)),
+            Some(path) => Some(Arc::new(
+                UserDb::load(path).map_err(|e| invalid("auth.users_file", e))?,
+            )),
             None => None,
         };
         if methods.contains(&AuthMethod::Username) && users.is_none() {
-            return Err(invalid("auth.users_file", "is required when auth.methods includes \"username\""));
+            return Err(invalid(
+                "auth.users_file",
+                "is required when auth.methods includes \"username\"",
+            ));
         }
-        let auth = AuthConfig { methods, users_file, users };
+        let auth = AuthConfig {
+            methods,
+            users_file,
+            users,
+        };
 
-        let RawOutgoing { ipv4, ipv6, interface } = outgoing.unwrap_or_default();
+        let RawOutgoing {
+            ipv4,
+            ipv6,
+            interface,
+        } = outgoing.unwrap_or_default();
         let outgoing = Outgoing {
             ipv4: ipv4
-                .map(|a| a.parse().map_err(|_| invalid("outgoing.ipv4", format!("{a:?} is not an IPv4 address"))))
+                .map(|a| {
+                    a.parse().map_err(|_| {
+                        invalid("outgoing.ipv4", format!("{a:?} is not an IPv4 address"))
+                    })
+                })
                 .transpose()?,
             ipv6: ipv6
-                .map(|a| a.parse().map_err(|_| invalid("outgoing.ipv6", format!("{a:?} is not an IPv6 address"))))
+                .map(|a| {
+                    a.parse().map_err(|_| {
+                        invalid("outgoing.ipv6", format!("{a:?} is not an IPv6 address"))
+                    })
+                })
                 .transpose()?,
             interface: match interface {
                 Some(i) if i.is_empty() || i.len() >= 16 || i.contains('/') => {
-                    return Err(invalid("outgoing.interface", format!("{i:?} is not an interface name")))
+                    return Err(invalid(
+                        "outgoing.interface",
+                        format!("{i:?} is not an interface name"),
+                    ))
                 }
                 other => other,
             },
         };
 
-        let RawLimits { max_sessions, max_sessions_per_client, bandwidth, user_bandwidth } = limits.unwrap_or_default();
+        let RawLimits {
+            max_sessions,
+            max_sessions_per_client,
+            bandwidth,
+            user_bandwidth,
+        } = limits.unwrap_or_default();
         let mut per_user = BTreeMap::new();
         for (user, rate) in user_bandwidth.unwrap_or_default() {
-            let r = parse_rate(&rate).map_err(|p| invalid(format!("limits.user_bandwidth.{user}"), p))?;
+            let r = parse_rate(&rate)
+                .map_err(|p| invalid(format!("limits.user_bandwidth.{user}"), p))?;
             per_user.insert(user, r);
         }
         let limits = Limits {
             max_sessions: max_sessions.unwrap_or(0),
             max_sessions_per_client: max_sessions_per_client.unwrap_or(0),
-            bandwidth: parse_rate(bandwidth.as_deref().unwrap_or("0")).map_err(|p| invalid("limits.bandwidth", p))?,
+            bandwidth: parse_rate(bandwidth.as_deref().unwrap_or("0"))
+                .map_err(|p| invalid("limits.bandwidth", p))?,
             user_bandwidth: per_user,
         };
 
         let RawLog { level, format } = log.unwrap_or_default();
         let level = level.unwrap_or_else(|| "info".to_owned());
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            return Err(invalid("log.level", format!("{level:?} is not a log filter (try \"info\" or \"debug\")")));
+            return Err(invalid(
+                "log.level",
+                format!("{level:?} is not a log filter (try \"info\" or \"debug\")"),
+            ));
         }
         let format = match format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("log.format", format!("{other:?} is not \"text\" or \"json\""))),
+            Some(other) => {
+                return Err(invalid(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                ))
+            }
         };
 
         let client_rule = client_rule.unwrap_or_default();
         let socks_rule = socks_rule.unwrap_or_default();
         if !client_rule.is_empty() && allow_clients_given {
-            return Err(invalid("allow_clients", "cannot be combined with [[client_rule]]; add a pass rule instead"));
+            return Err(invalid(
+                "allow_clients",
+                "cannot be combined with [[client_rule]]; add a pass rule instead",
+            ));
         }
         let rules = if client_rule.is_empty() {
             let shorthand = RawClientRule {
@@ -594,12 +813,14 @@ impl TryFrom<RawConfig> for Config {
             listen,
             data_path,
             pin_dir,
+            control_socket,
             allow_clients,
             auth,
             outgoing,
             limits,
             timeouts,
             log: LogConfig { level, format },
+            metrics,
             rules: Arc::new(rules),
             raw_rules: (client_rule, socks_rule),
         })
@@ -609,7 +830,11 @@ impl TryFrom<RawConfig> for Config {
 /// Without any socks rule, every request from an admitted client passes.
 fn with_default_pass(socks: &[RawSocksRule]) -> Vec<RawSocksRule> {
     if socks.is_empty() {
-        vec![RawSocksRule { name: Some("pass-all".to_owned()), action: Some("pass".to_owned()), ..Default::default() }]
+        vec![RawSocksRule {
+            name: Some("pass-all".to_owned()),
+            action: Some("pass".to_owned()),
+            ..Default::default()
+        }]
     } else {
         socks.to_vec()
     }
@@ -619,7 +844,10 @@ fn with_default_pass(socks: &[RawSocksRule]) -> Vec<RawSocksRule> {
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(n) = s.parse::<IpNet>() {
         if n.trunc() != n {
-            return Err(format!("{s:?} has host bits set (did you mean {}?)", n.trunc()));
+            return Err(format!(
+                "{s:?} has host bits set (did you mean {}?)",
+                n.trunc()
+            ));
         }
         return Ok(n);
     }
@@ -653,6 +881,9 @@ mod tests {
             ("allow_clients = [\"10.0.0.1/8\"]", "allow_clients[0]"),
             ("pin_dir = \"relative\"", "pin_dir"),
             ("[log]\nformat = \"xml\"", "log.format"),
+            ("control_socket = \"run/x.sock\"", "control_socket"),
+            ("[metrics]\nlisten = \"9108\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"0.0.0.0:9108\"", "metrics.listen"),
             ("listen = []", "listen"),
         ];
         for (text, key) in cases {
@@ -665,9 +896,13 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = Config::parse("lisen = []").unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
-        let err = Config::parse("[timeouts]\nidel = \"1s\"").unwrap_err().to_string();
+        let err = Config::parse("[timeouts]\nidel = \"1s\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("idel"), "{err}");
-        let err = Config::parse("[[socks_rule]]\naction = \"pass\"\nport = [80]").unwrap_err().to_string();
+        let err = Config::parse("[[socks_rule]]\naction = \"pass\"\nport = [80]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("port"), "{err}");
     }
 
@@ -687,14 +922,44 @@ mod tests {
         let again = Config::parse(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
 
-        let err = Config::parse("[auth]\nmethods = [\"username\"]").unwrap_err().to_string();
+        let err = Config::parse("[auth]\nmethods = [\"username\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`auth.users_file`"), "{err}");
-        let err = Config::parse("[auth]\nmethods = [\"gssapi\"]").unwrap_err().to_string();
+        let err = Config::parse("[auth]\nmethods = [\"gssapi\"]")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`auth.methods[0]`"), "{err}");
-        let err = Config::parse("[limits]\nbandwidth = \"10\"").unwrap_err().to_string();
+        let err = Config::parse("[limits]\nbandwidth = \"10\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`limits.bandwidth`"), "{err}");
-        let err = Config::parse("allow_clients = [\"10.0.0.0/8\"]\n[[client_rule]]\naction = \"pass\"").unwrap_err().to_string();
+        let err =
+            Config::parse("allow_clients = [\"10.0.0.0/8\"]\n[[client_rule]]\naction = \"pass\"")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("`allow_clients`"), "{err}");
+    }
+
+    #[test]
+    fn control_socket_and_metrics() {
+        let c = Config::parse("pin_dir = \"/sys/fs/bpf/ebsocks-a\"").unwrap();
+        assert_eq!(
+            c.control_socket_path(),
+            Some(PathBuf::from("/run/ebsocks/ebsocks-a.sock"))
+        );
+        assert_eq!(c.metrics.listen, None);
+        let c = Config::parse("control_socket = \"off\"").unwrap();
+        assert_eq!(c.control_socket_path(), None);
+        let c =
+            Config::parse("control_socket = \"/tmp/c.sock\"\n[metrics]\nlisten = \"[::1]:9108\"")
+                .unwrap();
+        assert_eq!(c.control_socket_path(), Some(PathBuf::from("/tmp/c.sock")));
+        assert_eq!(c.metrics.listen, Some("[::1]:9108".parse().unwrap()));
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+        let c = Config::parse("[metrics]\nlisten = \"0.0.0.0:9108\"\nallow_remote = true").unwrap();
+        assert_eq!(c.metrics.listen, Some("0.0.0.0:9108".parse().unwrap()));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, SockHash},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
@@ -21,7 +21,9 @@ use proxy_common::{
         Direction, SessionTraffic, Traffic, COUNTERS_MAX, DAEMON_COUNTERS, DAEMON_TRAFFIC,
         KERNEL_TRAFFIC, SESSIONS, TRAFFIC_SLOTS_MAX,
     },
-    sockmap::{ACTIVE, PAIRS, VERDICT_PROG},
+    sockmap::{
+        BrakeControl, BrakeState, ACTIVE, BRAKES, BRAKE_EVENTS, BRAKE_STATE, PAIRS, VERDICT_PROG,
+    },
 };
 
 use crate::{
@@ -52,8 +54,13 @@ pub enum KernelError {
     Probe(String),
 }
 
-fn ebpf_err<E: std::error::Error + Send + Sync + 'static>(context: &'static str) -> impl FnOnce(E) -> KernelError {
-    move |e| KernelError::Ebpf { context, source: Box::new(e) }
+fn ebpf_err<E: std::error::Error + Send + Sync + 'static>(
+    context: &'static str,
+) -> impl FnOnce(E) -> KernelError {
+    move |e| KernelError::Ebpf {
+        context,
+        source: Box::new(e),
+    }
 }
 
 /// Loaded programs and maps. Dropping it detaches the programs and removes the pins.
@@ -68,7 +75,9 @@ pub struct Kernel {
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kernel").field("pins", &self.pins).finish_non_exhaustive()
+        f.debug_struct("Kernel")
+            .field("pins", &self.pins)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,7 +86,99 @@ pub struct Sockmap {
     pairs: Mutex<SockHash<MapData, u64>>,
     active: Mutex<SockHash<MapData, u64>>,
     sessions: Mutex<HashMap<MapData, u64, SessionTraffic>>,
+    brakes: Mutex<HashMap<MapData, u64, BrakeControl>>,
+    brake_state: Mutex<HashMap<MapData, u64, BrakeState>>,
+    brake_events: Mutex<Option<RingBuf<MapData>>>,
+    dispatcher: std::sync::OnceLock<Option<std::sync::Arc<BrakeDispatcher>>>,
 }
+
+/// Delivers brake events from the ring buffer to the sessions waiting for them.
+struct BrakeDispatcher {
+    waiters: Mutex<std::collections::HashMap<u64, std::sync::Arc<tokio::sync::Notify>>>,
+}
+
+/// A socket's subscription to its brake events; unsubscribes on drop.
+pub struct BrakeWatch {
+    dispatcher: std::sync::Arc<BrakeDispatcher>,
+    cookie: u64,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl BrakeWatch {
+    /// Resolves when the verdict reported that the socket reached its checkpoint.
+    pub async fn fired(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for BrakeWatch {
+    fn drop(&mut self) {
+        self.dispatcher
+            .waiters
+            .lock()
+            .expect("brake waiters lock")
+            .remove(&self.cookie);
+    }
+}
+
+impl std::fmt::Debug for BrakeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrakeWatch")
+            .field("cookie", &self.cookie)
+            .finish()
+    }
+}
+
+fn start_dispatcher(ring: RingBuf<MapData>) -> io::Result<std::sync::Arc<BrakeDispatcher>> {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the ring buffer's descriptor belongs to `ring`, which moves into the AsyncFd and
+    // stays open, unchanged, for the AsyncFd's whole life.
+    let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let d = std::sync::Arc::new(BrakeDispatcher {
+        waiters: Mutex::new(std::collections::HashMap::new()),
+    });
+    let weak = std::sync::Arc::downgrade(&d);
+    tokio::spawn(async move {
+        let drain = |ring: &mut RingBuf<MapData>,
+                     weak: &std::sync::Weak<BrakeDispatcher>|
+         -> Option<bool> {
+            let d = weak.upgrade()?;
+            let waiters = d.waiters.lock().expect("brake waiters lock");
+            let mut any = false;
+            while let Some(item) = ring.next() {
+                any = true;
+                if let Ok(bytes) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) {
+                    if let Some(n) = waiters.get(&u64::from_ne_bytes(bytes)) {
+                        n.notify_one();
+                    }
+                }
+            }
+            Some(any)
+        };
+        loop {
+            let Ok(mut guard) = afd.readable_mut().await else {
+                return;
+            };
+            loop {
+                if drain(guard.get_inner_mut(), &weak).is_none() {
+                    return;
+                }
+                guard.clear_ready();
+                // Events that landed between the drain and clearing readiness.
+                match drain(guard.get_inner_mut(), &weak) {
+                    Some(true) => continue,
+                    Some(false) => break,
+                    None => return,
+                }
+            }
+        }
+    });
+    Ok(d)
+}
+
+/// Redirected bytes between two brake checks of one socket.
+pub const BRAKE_STEP: u64 = 4 << 20;
 
 /// A pinned-map directory, removed on drop.
 #[derive(Debug)]
@@ -106,8 +207,12 @@ fn remove_pin_dir(dir: &Path) -> io::Result<()> {
 
 /// True when `dir`'s parent directory is on a bpffs mount.
 fn on_bpffs(dir: &Path) -> bool {
-    let Some(parent) = dir.parent() else { return false };
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    let Some(parent) = dir.parent() else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
     let parent = parent.canonicalize().unwrap_or_else(|_| parent.to_owned());
     mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
@@ -124,7 +229,9 @@ impl Kernel {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(ebpf_err("loading the eBPF object"))?;
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(ebpf_err("loading the eBPF object"))?;
 
         let pins = match pin_maps(&ebpf, pin_dir) {
             Ok(p) => Some(p),
@@ -140,27 +247,52 @@ impl Kernel {
                 source: format!("map {name} missing").into(),
             })
         };
-        let pairs = SockHash::try_from(take(&mut ebpf, PAIRS)?).map_err(ebpf_err("opening the pairs sockhash"))?;
-        let active = SockHash::try_from(take(&mut ebpf, ACTIVE)?).map_err(ebpf_err("opening the active sockhash"))?;
-        let sessions = HashMap::try_from(take(&mut ebpf, SESSIONS)?).map_err(ebpf_err("opening the sessions map"))?;
-        let ktraffic = PerCpuArray::try_from(take(&mut ebpf, KERNEL_TRAFFIC)?).map_err(ebpf_err("opening the kernel traffic map"))?;
+        let pairs = SockHash::try_from(take(&mut ebpf, PAIRS)?)
+            .map_err(ebpf_err("opening the pairs sockhash"))?;
+        let active = SockHash::try_from(take(&mut ebpf, ACTIVE)?)
+            .map_err(ebpf_err("opening the active sockhash"))?;
+        let sessions = HashMap::try_from(take(&mut ebpf, SESSIONS)?)
+            .map_err(ebpf_err("opening the sessions map"))?;
+        let brakes = HashMap::try_from(take(&mut ebpf, BRAKES)?)
+            .map_err(ebpf_err("opening the brakes map"))?;
+        let brake_state = HashMap::try_from(take(&mut ebpf, BRAKE_STATE)?)
+            .map_err(ebpf_err("opening the brake state map"))?;
+        let brake_events = RingBuf::try_from(take(&mut ebpf, BRAKE_EVENTS)?)
+            .map_err(ebpf_err("opening the brake ring buffer"))?;
+        let ktraffic = PerCpuArray::try_from(take(&mut ebpf, KERNEL_TRAFFIC)?)
+            .map_err(ebpf_err("opening the kernel traffic map"))?;
         let utraffic = take(&mut ebpf, DAEMON_TRAFFIC)?;
         let counters = take(&mut ebpf, DAEMON_COUNTERS)?;
-        let metrics = map_metrics(&utraffic, &counters).map_err(ebpf_err("mapping the counter arrays (needs Linux 5.5+)"))?;
+        let metrics = map_metrics(&utraffic, &counters)
+            .map_err(ebpf_err("mapping the counter arrays (needs Linux 5.5+)"))?;
 
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
-            .ok_or_else(|| KernelError::Ebpf { context: "finding the verdict program", source: "missing".into() })?
+            .ok_or_else(|| KernelError::Ebpf {
+                context: "finding the verdict program",
+                source: "missing".into(),
+            })?
             .try_into()
             .map_err(ebpf_err("typing the verdict program"))?;
-        prog.load().map_err(ebpf_err("loading the sk_skb verdict program (needs Linux 5.13+)"))?;
-        prog.attach(active.fd()).map_err(ebpf_err("attaching the verdict program to the sockhash"))?;
+        prog.load().map_err(ebpf_err(
+            "loading the sk_skb verdict program (needs Linux 5.13+)",
+        ))?;
+        prog.attach(active.fd())
+            .map_err(ebpf_err("attaching the verdict program to the sockhash"))?;
 
         Ok(Self {
             _ebpf: ebpf,
             ktraffic: Mutex::new(ktraffic),
             metrics: Mutex::new(Some(metrics)),
-            sockmap: Sockmap { pairs: Mutex::new(pairs), active: Mutex::new(active), sessions: Mutex::new(sessions) },
+            sockmap: Sockmap {
+                pairs: Mutex::new(pairs),
+                active: Mutex::new(active),
+                sessions: Mutex::new(sessions),
+                brakes: Mutex::new(brakes),
+                brake_state: Mutex::new(brake_state),
+                brake_events: Mutex::new(Some(brake_events)),
+                dispatcher: std::sync::OnceLock::new(),
+            },
             pins,
         })
     }
@@ -180,8 +312,12 @@ impl Kernel {
     }
 
     fn reset_kernel_traffic(&self) {
-        let Ok(cpus) = aya::util::nr_cpus() else { return };
-        let Ok(mut map) = self.ktraffic.lock() else { return };
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return;
+        };
+        let Ok(mut map) = self.ktraffic.lock() else {
+            return;
+        };
         for i in 0..map.len() {
             if let Ok(zero) = PerCpuValues::try_from(vec![Traffic::default(); cpus]) {
                 let _ = map.set(i, zero, 0);
@@ -223,7 +359,9 @@ fn pin_maps(ebpf: &Ebpf, dir: &Path) -> io::Result<PinDir> {
     std::fs::create_dir(dir)?;
     let guard = PinDir(dir.to_owned());
     for name in [KERNEL_TRAFFIC, DAEMON_TRAFFIC, DAEMON_COUNTERS, SESSIONS] {
-        let map = ebpf.map(name).ok_or_else(|| io::Error::other(format!("map {name} missing")))?;
+        let map = ebpf
+            .map(name)
+            .ok_or_else(|| io::Error::other(format!("map {name} missing")))?;
         map.pin(dir.join(name)).map_err(io::Error::other)?;
     }
     Ok(guard)
@@ -254,7 +392,10 @@ pub struct SpliceError {
 }
 
 fn map_io(context: &'static str) -> impl FnOnce(aya::maps::MapError) -> SpliceError {
-    move |e| SpliceError { context, source: io::Error::other(e) }
+    move |e| SpliceError {
+        context,
+        source: io::Error::other(e),
+    }
 }
 
 impl Sockmap {
@@ -275,13 +416,22 @@ impl Sockmap {
     ) -> Result<SplicedPair, SpliceError> {
         let io_err = |context| move |source| SpliceError { context, source };
         let c = sys::socket_cookie(client).map_err(io_err("reading the client socket cookie"))?;
-        let u = sys::socket_cookie(upstream).map_err(io_err("reading the upstream socket cookie"))?;
+        let u =
+            sys::socket_cookie(upstream).map_err(io_err("reading the upstream socket cookie"))?;
 
         {
             let mut s = self.sessions.lock().expect("sessions lock");
-            let entry = |direction: Direction| SessionTraffic { session_id, direction: direction as u32, ..Default::default() };
-            let up = SessionTraffic { bytes: forwarded_up, ..entry(Direction::Up) };
-            s.insert(c, up, 0).map_err(map_io("adding the client counters"))?;
+            let entry = |direction: Direction| SessionTraffic {
+                session_id,
+                direction: direction as u32,
+                ..Default::default()
+            };
+            let up = SessionTraffic {
+                bytes: forwarded_up,
+                ..entry(Direction::Up)
+            };
+            s.insert(c, up, 0)
+                .map_err(map_io("adding the client counters"))?;
             if let Err(e) = s.insert(u, entry(Direction::Down), 0) {
                 let _ = s.remove(&c);
                 return Err(map_io("adding the upstream counters")(e));
@@ -291,7 +441,26 @@ impl Sockmap {
             let mut s = self.sessions.lock().expect("sessions lock");
             let _ = s.remove(&c);
             let _ = s.remove(&u);
+            drop(s);
+            self.forget_brakes(c, u);
         };
+        // Without its brake entries a socket is simply never braked.
+        {
+            let mut st = self.brake_state.lock().expect("brake state lock");
+            let mut b = self.brakes.lock().expect("brakes lock");
+            for (cookie, checkpoint) in [(c, forwarded_up + BRAKE_STEP), (u, BRAKE_STEP)] {
+                if st.insert(cookie, BrakeState::default(), 0).is_ok() {
+                    let _ = b.insert(
+                        cookie,
+                        BrakeControl {
+                            checkpoint,
+                            ..Default::default()
+                        },
+                        0,
+                    );
+                }
+            }
+        }
 
         // 1. Redirect targets for both sides. No program runs on these sockets yet.
         {
@@ -299,7 +468,9 @@ impl Sockmap {
             if let Err(e) = pairs.insert(c, upstream, 0) {
                 drop(pairs);
                 undo_sessions();
-                return Err(map_io("adding the upstream socket to the pairs sockhash")(e));
+                return Err(map_io("adding the upstream socket to the pairs sockhash")(
+                    e,
+                ));
             }
             if let Err(e) = pairs.insert(u, client, 0) {
                 let _ = pairs.remove(&c);
@@ -316,7 +487,12 @@ impl Sockmap {
 
         // 2. Activate the client: its bytes (including any it queued before now) start flowing
         // to the upstream, which is already a valid target.
-        if let Err(e) = self.active.lock().expect("active lock").insert(c, client, 0) {
+        if let Err(e) = self
+            .active
+            .lock()
+            .expect("active lock")
+            .insert(c, client, 0)
+        {
             undo_pairs();
             undo_sessions();
             return Err(map_io("activating the client socket")(e));
@@ -327,7 +503,12 @@ impl Sockmap {
 
         // 3. Activate the upstream. If it has just received a FIN it cannot be inserted any more;
         // the client direction stays in the kernel and the caller copies the upstream's last bytes.
-        let upstream_active = match self.active.lock().expect("active lock").insert(u, upstream, 0) {
+        let upstream_active = match self
+            .active
+            .lock()
+            .expect("active lock")
+            .insert(u, upstream, 0)
+        {
             Ok(()) => {
                 let _ = sys::set_rcvlowat(upstream, 1);
                 true
@@ -337,12 +518,77 @@ impl Sockmap {
                 false
             }
         };
-        Ok(SplicedPair { client_cookie: c, upstream_cookie: u, upstream_active })
+        Ok(SplicedPair {
+            client_cookie: c,
+            upstream_cookie: u,
+            upstream_active,
+        })
+    }
+
+    /// Subscribes to the brake events of one socket. The dispatcher task starts on first use
+    /// (inside the runtime). None if the ring buffer could not be watched: the session then
+    /// runs without a brake.
+    pub fn brake_watch(&self, cookie: u64) -> Option<BrakeWatch> {
+        let d = self
+            .dispatcher
+            .get_or_init(|| {
+                let ring = self.brake_events.lock().ok()?.take()?;
+                match start_dispatcher(ring) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "cannot watch the brake ring buffer; spliced sessions run without backpressure");
+                        None
+                    }
+                }
+            })
+            .clone()?;
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        d.waiters
+            .lock()
+            .expect("brake waiters lock")
+            .insert(cookie, notify.clone());
+        Some(BrakeWatch {
+            dispatcher: d,
+            cookie,
+            notify,
+        })
+    }
+
+    /// Sets a socket's brake; see [`proxy_common::sockmap::BRAKES`].
+    pub fn set_brake(&self, cookie: u64, control: BrakeControl) -> Result<(), SpliceError> {
+        self.brakes
+            .lock()
+            .expect("brakes lock")
+            .insert(cookie, control, 0)
+            .map_err(map_io("setting a brake"))
+    }
+
+    /// The verdict's brake state of a socket: how many bytes it passed to the socket itself.
+    pub fn brake_state(&self, cookie: u64) -> Option<BrakeState> {
+        self.brake_state
+            .lock()
+            .expect("brake state lock")
+            .get(&cookie, 0)
+            .ok()
+    }
+
+    fn forget_brakes(&self, c: u64, u: u64) {
+        let mut b = self.brakes.lock().expect("brakes lock");
+        let _ = b.remove(&c);
+        let _ = b.remove(&u);
+        drop(b);
+        let mut st = self.brake_state.lock().expect("brake state lock");
+        let _ = st.remove(&c);
+        let _ = st.remove(&u);
     }
 
     /// Current counters of one socket of a spliced pair.
     pub fn traffic(&self, cookie: u64) -> Option<SessionTraffic> {
-        self.sessions.lock().expect("sessions lock").get(&cookie, 0).ok()
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&cookie, 0)
+            .ok()
     }
 
     /// Reads the final counters of a pair and removes them: `(up, down)`.
@@ -352,6 +598,8 @@ impl Sockmap {
         let down = s.get(&pair.upstream_cookie, 0).unwrap_or_default();
         let _ = s.remove(&pair.client_cookie);
         let _ = s.remove(&pair.upstream_cookie);
+        drop(s);
+        self.forget_brakes(pair.client_cookie, pair.upstream_cookie);
         (up, down)
     }
 }
@@ -380,4 +628,87 @@ fn probe(sockmap: &Sockmap) -> io::Result<()> {
         return Err(io::Error::other("redirected bytes arrived altered"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root and bpffs: skipped otherwise (the privileged suite covers the data path).
+    #[test]
+    fn a_braked_socket_keeps_its_bytes_and_releases_them_in_order() {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/ebsocks-unit-{}", std::process::id()));
+        let Ok(k) = Kernel::load(&dir) else {
+            eprintln!("SKIP: cannot load the eBPF programs here");
+            return;
+        };
+        let sm = k.sockmap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut pa, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut pb, _) = l.accept().unwrap();
+        let pair = sm.splice(1, pa.as_fd(), pb.as_fd(), 0).unwrap();
+        let c = pair.client_cookie;
+        b.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut got = [0u8; 12];
+        a.write_all(b"one").unwrap();
+        b.read_exact(&mut got[..3]).unwrap();
+        assert_eq!(&got[..3], b"one");
+
+        // Braked: the bytes stay with the source socket.
+        sm.set_brake(
+            c,
+            BrakeControl {
+                checkpoint: u64::MAX,
+                read: 0,
+                braked: 1,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+        a.write_all(b"two").unwrap();
+        assert!(b.read(&mut got).is_err(), "bytes crossed while braked");
+        assert_eq!(sm.brake_state(c).unwrap().passed, 3);
+
+        // Released, but "two" is still queued: "three" must wait behind it.
+        sm.set_brake(
+            c,
+            BrakeControl {
+                checkpoint: u64::MAX,
+                read: 0,
+                braked: 0,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+        a.write_all(b"three").unwrap();
+        assert!(b.read(&mut got).is_err(), "bytes overtook the queued ones");
+        assert_eq!(sm.brake_state(c).unwrap().passed, 8);
+
+        // The daemon moves the queued bytes itself; after that the kernel redirects again.
+        pa.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut queued = [0u8; 8];
+        pa.read_exact(&mut queued).unwrap();
+        assert_eq!(&queued, b"twothree");
+        pb.write_all(&queued).unwrap();
+        sm.set_brake(
+            c,
+            BrakeControl {
+                checkpoint: u64::MAX,
+                read: 8,
+                braked: 0,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+        a.write_all(b"four").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"twothreefour");
+        assert_eq!(sm.brake_state(c).unwrap().passed, 8);
+        assert_eq!(sm.traffic(c).unwrap().bytes, 15);
+        sm.finish(&pair);
+    }
 }

@@ -3,14 +3,19 @@
 //! The daemon negotiates SOCKS in userspace ([`session`]), then hands each established
 //! client/upstream pair to a data path ([`relay`]): an eBPF sockhash with an sk_skb verdict
 //! program ([`kernel`]) when the kernel supports it, splice(2), or a plain copy. Counters live in
-//! BPF maps pinned under bpffs, where `ebsocks stats` ([`stats`]) reads them.
+//! BPF maps pinned under bpffs, where `ebsocks stats` ([`stats`]) reads them; live sessions are
+//! in a [`registry`] that `ebsocks sessions` reads through the [`control`] socket, and
+//! [`exporter`] serves everything to Prometheus when configured.
 
 pub mod acl;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod exporter;
 pub mod kernel;
 pub mod metrics;
+pub mod registry;
 pub mod relay;
 pub mod session;
 pub mod stats;
@@ -19,11 +24,11 @@ pub mod udp;
 
 use std::{
     collections::HashMap,
-    future::Future,
     io,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
+    time::Instant,
 };
 
 use proxy_common::metrics::Counter;
@@ -38,7 +43,8 @@ use crate::{
     auth::FailureTracker,
     config::DataPathMode,
     kernel::Kernel,
-    metrics::Metrics,
+    metrics::{Failure, Metrics},
+    registry::Registry,
     relay::{splice::PipePool, watch::Watcher},
 };
 
@@ -62,6 +68,16 @@ pub struct Shared {
     pub auth_failures: FailureTracker,
     /// Sessions per client address, for `limits.max_sessions_per_client`.
     per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// Live sessions.
+    pub registry: Registry,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The data path chosen at start-up.
+    pub data_path: &'static str,
+    /// The bound SOCKS listeners.
+    pub listen: OnceLock<Vec<SocketAddr>>,
+    /// The bound Prometheus endpoint.
+    pub metrics_listen: OnceLock<SocketAddr>,
 }
 
 /// Holds a client's slot in the per-client count.
@@ -92,13 +108,20 @@ impl Shared {
     /// are fixed at start-up.
     pub fn replace_config(&self, new: Config) {
         let mut cur = self.config.write().expect("config lock");
-        if new.listen != cur.listen || new.pin_dir != cur.pin_dir || new.data_path != cur.data_path {
-            tracing::warn!("listen, pin_dir and data_path changes take effect at the next start");
+        if new.listen != cur.listen
+            || new.pin_dir != cur.pin_dir
+            || new.data_path != cur.data_path
+            || new.control_socket_path() != cur.control_socket_path()
+            || new.metrics != cur.metrics
+        {
+            tracing::warn!("listen, pin_dir, data_path, control_socket and [metrics] changes take effect at the next start");
         }
         let mut new = new;
         new.listen.clone_from(&cur.listen);
         new.pin_dir.clone_from(&cur.pin_dir);
         new.data_path = cur.data_path;
+        new.control_socket.clone_from(&cur.control_socket);
+        new.metrics = cur.metrics.clone();
         *cur = Arc::new(new);
     }
 
@@ -109,12 +132,45 @@ impl Shared {
             return None;
         }
         *n += 1;
-        Some(ClientSlot { shared: self.clone(), ip })
+        Some(ClientSlot {
+            shared: self.clone(),
+            ip,
+        })
     }
 
     /// The sockhash splice, when loaded and working.
     pub fn sockmap(&self) -> Option<&kernel::Sockmap> {
-        self.kernel.as_ref().filter(|_| self.sockmap_ok).map(Kernel::sockmap)
+        self.kernel
+            .as_ref()
+            .filter(|_| self.sockmap_ok)
+            .map(Kernel::sockmap)
+    }
+
+    /// What `{"cmd":"info"}` on the control socket answers.
+    pub fn info(&self) -> control::Info {
+        let config = self.config();
+        control::Info {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            data_path: self.data_path.to_owned(),
+            pin_dir: config.pin_dir.display().to_string(),
+            listen: self.listen.get().cloned().unwrap_or_default(),
+            metrics_listen: self.metrics_listen.get().copied(),
+            sessions: self.registry.len(),
+            states: self
+                .registry
+                .states()
+                .into_iter()
+                .map(|(s, n)| (s.name().to_owned(), n))
+                .collect(),
+        }
+    }
+
+    /// Counts a connection closed at accept (client rule or limit).
+    fn refuse(&self, failure: Failure) {
+        self.metrics.inc(Counter::ConnectionsRefused);
+        self.metrics.inc(failure.counter());
     }
 }
 
@@ -179,7 +235,11 @@ pub enum Error {
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
@@ -208,9 +268,14 @@ fn load_kernel(config: &Config) -> (Option<Kernel>, bool) {
     (kernel, sockmap_ok)
 }
 
-/// Runs the daemon until `shutdown` resolves, then stops accepting and gives relaying sessions
-/// `timeouts.drain` to finish.
-pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+/// Runs the daemon until the first message on `stop` (or until every sender is gone), then stops
+/// accepting and gives open sessions `timeouts.drain` to finish; a second message on `stop` ends
+/// the drain at once.
+pub async fn run(
+    config: Config,
+    opts: RunOptions,
+    mut stop: mpsc::Receiver<()>,
+) -> Result<(), Error> {
     let mut config = config;
     opts.overrides.apply(&mut config);
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
@@ -220,16 +285,24 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
     for &addr in &config.listen {
         listeners.push(bind(addr).map_err(|source| Error::Bind { addr, source })?);
     }
-    let watcher = Watcher::start().map_err(|source| Error::Io { context: "creating the epoll set", source })?;
+    let watcher = Watcher::start().map_err(|source| Error::Io {
+        context: "creating the epoll set",
+        source,
+    })?;
     let data_path = match (config.data_path, sockmap_ok) {
         (DataPathMode::Auto | DataPathMode::Sockmap, true) => "sockmap",
         (DataPathMode::Copy, _) => "copy",
         _ => "splice",
     };
-    let metrics = kernel.as_ref().and_then(Kernel::take_metrics).unwrap_or_default();
+    let metrics = kernel
+        .as_ref()
+        .and_then(Kernel::take_metrics)
+        .unwrap_or_default();
     let max_sessions = match config.limits.max_sessions {
         // Two descriptors per session, and headroom for listeners, pipes and maps.
-        0 => usize::try_from(nofile.saturating_sub(64) / 4).unwrap_or(1024).max(16),
+        0 => usize::try_from(nofile.saturating_sub(64) / 4)
+            .unwrap_or(1024)
+            .max(16),
         n => n,
     };
     let shared = Arc::new(Shared {
@@ -241,18 +314,74 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
         watcher,
         auth_failures: FailureTracker::new(),
         per_client: Mutex::new(HashMap::new()),
+        registry: Registry::default(),
+        started: Instant::now(),
+        data_path,
+        listen: OnceLock::new(),
+        metrics_listen: OnceLock::new(),
     });
 
-    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let bound: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     for a in &bound {
         tracing::info!(addr = %a, data_path, "listening on {a}");
     }
+    let _ = shared.listen.set(bound.clone());
+
+    // Observability endpoints: failures are logged and cost only those endpoints.
+    let config = shared.config();
+    let _control = config.control_socket_path().and_then(|path| match control::start(shared.clone(), &path) {
+        Ok(c) => {
+            tracing::info!(path = %path.display(), "control socket ready");
+            Some(c)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), cause = %e, "no control socket: `ebsocks sessions` will not see this daemon");
+            None
+        }
+    });
+    let _exporter = match config.metrics.listen {
+        Some(addr) => match exporter::start(shared.clone(), addr).await {
+            Ok(e) => {
+                let _ = shared.metrics_listen.set(e.addr());
+                tracing::info!(addr = %e.addr(), "Prometheus metrics on http://{}/metrics", e.addr());
+                Some(e)
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    context: "binding the metrics listener",
+                    source,
+                })
+            }
+        },
+        None => None,
+    };
+    drop(config);
+    // Install the SIGHUP handler before anyone can learn the daemon is up (the address file):
+    // SIGHUP's default action would kill it.
+    let hup = match &opts.config_path {
+        Some(path) => {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hup) => Some((hup, path.clone())),
+                Err(e) => {
+                    tracing::error!(cause = %e, "cannot install the SIGHUP handler; reload is unavailable");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     if let Some(path) = &opts.addr_file {
         let text: String = bound.iter().map(|a| format!("{a}\n")).collect();
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| Error::Io { context: "writing the address file", source })?;
+            .map_err(|source| Error::Io {
+                context: "writing the address file",
+                source,
+            })?;
     }
 
     let permits = Arc::new(Semaphore::new(max_sessions));
@@ -262,13 +391,26 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
 
     let mut accept_tasks = Vec::new();
     for listener in listeners {
-        accept_tasks.push(tokio::spawn(accept_loop(listener, shared.clone(), permits.clone(), stop_rx.clone(), done_tx.clone())));
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            permits.clone(),
+            stop_rx.clone(),
+            done_tx.clone(),
+        )));
     }
     drop(done_tx);
 
-    let reloader = opts.config_path.clone().map(|path| tokio::spawn(reload_loop(shared.clone(), path, opts.overrides.clone())));
+    let reloader = hup.map(|(hup, path)| {
+        tokio::spawn(reload_loop(
+            shared.clone(),
+            hup,
+            path,
+            opts.overrides.clone(),
+        ))
+    });
 
-    shutdown.await;
+    let _ = stop.recv().await;
     if let Some(r) = reloader {
         r.abort();
     }
@@ -278,8 +420,23 @@ pub async fn run(config: Config, opts: RunOptions, shutdown: impl Future<Output 
         let _ = t.await;
     }
     let drain = shared.config().timeouts.drain;
-    if tokio::time::timeout(drain, done_rx.recv()).await.is_err() {
-        tracing::warn!(after = ?drain, "sessions still open at the end of the drain period; closing them");
+    let open = shared.registry.len();
+    if open > 0 {
+        tracing::info!(sessions = open, limit = ?drain, "waiting for open sessions to finish (signal again to close them now)");
+    }
+    let again = async {
+        match stop.recv().await {
+            Some(()) => {}
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(drain, done_rx.recv()) => {
+            if r.is_err() {
+                tracing::warn!(after = ?drain, sessions = shared.registry.len(), "sessions still open at the end of the drain period; closing them");
+            }
+        }
+        () = again => tracing::warn!(sessions = shared.registry.len(), "second stop signal: closing open sessions now"),
     }
     Ok(())
 }
@@ -301,6 +458,7 @@ async fn accept_loop(
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: existing sessions go on; retry after a pause rather
                 // than spinning on a listener that stays readable.
+                shared.metrics.inc(Counter::AcceptErrors);
                 tracing::warn!(cause = %e, "accept failed");
                 tokio::time::sleep(session::ACCEPT_BACKOFF).await;
                 continue;
@@ -314,18 +472,21 @@ async fn accept_loop(
             tracing::info!(client = %peer, rule = verdict.rule, action = ?verdict.action, "client rule matched");
         }
         if verdict.action == Action::Block {
-            shared.metrics.inc(Counter::ConnectionsRefused);
+            shared.refuse(Failure::ClientBlocked);
             tracing::debug!(client = %peer, rule = verdict.rule, "client refused by rule");
             continue;
         }
         let methods = methods.map(<[_]>::to_vec);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            shared.metrics.inc(Counter::ConnectionsRefused);
+            shared.refuse(Failure::Limit);
             tracing::warn!(client = %peer, "session limit reached");
             continue;
         };
-        let Some(slot) = shared.client_slot(peer.ip().to_canonical(), config.limits.max_sessions_per_client) else {
-            shared.metrics.inc(Counter::ConnectionsRefused);
+        let Some(slot) = shared.client_slot(
+            peer.ip().to_canonical(),
+            config.limits.max_sessions_per_client,
+        ) else {
+            shared.refuse(Failure::Limit);
             tracing::warn!(client = %peer, "per-client session limit reached");
             continue;
         };
@@ -342,12 +503,12 @@ async fn accept_loop(
 
 /// Re-reads the configuration on every SIGHUP. A valid file applies to new sessions (existing
 /// ones keep theirs); an invalid one is logged and the old configuration stays.
-async fn reload_loop(shared: Arc<Shared>, path: PathBuf, overrides: Overrides) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; reload is unavailable");
-        return;
-    };
+async fn reload_loop(
+    shared: Arc<Shared>,
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    overrides: Overrides,
+) {
     while hup.recv().await.is_some() {
         let loaded = {
             let path = path.clone();
@@ -359,7 +520,9 @@ async fn reload_loop(shared: Arc<Shared>, path: PathBuf, overrides: Overrides) {
                 shared.replace_config(c);
                 tracing::info!(file = %path.display(), "configuration reloaded");
             }
-            Ok(Err(e)) => tracing::error!(file = %path.display(), cause = %e, "configuration not reloaded, keeping the previous one"),
+            Ok(Err(e)) => {
+                tracing::error!(file = %path.display(), cause = %e, "configuration not reloaded, keeping the previous one")
+            }
             Err(e) => tracing::error!(cause = %e, "configuration reload failed"),
         }
     }

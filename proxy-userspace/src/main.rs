@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use ebsocks::{
-    cli::{Cli, Command, RunArgs},
-    config::{Config, LogFormat},
-    stats, Overrides, RunOptions,
+    cli::{Cli, Command, RunArgs, SessionsArgs, StatsArgs},
+    config::{default_control_socket, Config, LogFormat},
+    control, stats, Overrides, RunOptions,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -23,27 +23,94 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Stats(args) => match stats::Snapshot::read(&args.pin_dir) {
-            Ok(s) => {
-                if args.json {
-                    println!("{}", s.to_json());
-                } else {
-                    print!("{}", s.to_table());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ebsocks: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Command::Stats(args) => stats_cmd(&args),
+        Command::Sessions(args) => sessions_cmd(&args),
         Command::Run(args) => run(args),
         Command::HashPassword => hash_password(),
     }
 }
 
+fn stats_cmd(args: &StatsArgs) -> ExitCode {
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control_socket(&args.pin_dir));
+    if args.watch {
+        if !(args.interval.is_finite() && args.interval > 0.0) {
+            eprintln!("ebsocks: --interval must be a positive number of seconds");
+            return ExitCode::from(2);
+        }
+        let interval = std::time::Duration::from_secs_f64(args.interval);
+        return match stats::watch(
+            &args.pin_dir,
+            Some(&control),
+            interval,
+            args.count,
+            args.json,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ebsocks: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    match stats::Snapshot::read(&args.pin_dir) {
+        Ok(mut s) => {
+            match control::info(&control) {
+                Ok(info) => s.daemon = Some(info),
+                // The maps alone are enough; only say why the daemon part is missing when the
+                // socket was named.
+                Err(e) if args.control.is_some() => eprintln!("ebsocks: {e}"),
+                Err(_) => {}
+            }
+            if args.json {
+                println!("{}", s.to_json());
+            } else {
+                print!("{}", s.to_table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ebsocks: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn sessions_cmd(args: &SessionsArgs) -> ExitCode {
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control_socket(&args.pin_dir));
+    match control::sessions(&control) {
+        Ok(list) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list)
+                        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+                );
+            } else {
+                print!("{}", stats::sessions_table(&list));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ebsocks: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
-    let RunArgs { config, listen, data_path, pin_dir, addr_file } = args;
+    let RunArgs {
+        config,
+        listen,
+        data_path,
+        pin_dir,
+        addr_file,
+    } = args;
     let cfg = match &config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
@@ -54,24 +121,47 @@ fn run(args: RunArgs) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
-    let overrides = Overrides { listen, data_path: data_path.map(Into::into), pin_dir };
+    let overrides = Overrides {
+        listen,
+        data_path: data_path.map(Into::into),
+        pin_dir,
+    };
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ebsocks: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    let opts = RunOptions { addr_file, config_path: config, overrides };
-    let result = runtime.block_on(ebsocks::run(cfg, opts, shutdown_signal()));
+    let opts = RunOptions {
+        addr_file,
+        config_path: config,
+        overrides,
+    };
+    let result = runtime.block_on(async {
+        let stop = match stop_signals() {
+            Ok(rx) => rx,
+            Err(e) => {
+                eprintln!("ebsocks: cannot install the SIGTERM/SIGINT handlers: {e}");
+                return Ok(());
+            }
+        };
+        ebsocks::run(cfg, opts, stop).await
+    });
     // Dropping the runtime ends the remaining session tasks, which releases the eBPF programs
     // and removes the pinned maps.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -84,16 +174,25 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers (before anything can signal the daemon) and
+/// forwards every such signal: the first starts the graceful drain, the second ends it.
+fn stop_signals() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// Reads a password from standard input (one line) and prints its hash for the users file.

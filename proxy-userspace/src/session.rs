@@ -14,8 +14,8 @@ use std::{
 
 use proxy_common::metrics::Counter;
 use proxy_socks5::{
-    Address, Command, DecodeError, Greeting, Method, MethodSelection, Reply, Request, Response, Socks4Command,
-    Socks4Reply, Socks4Request, Socks4Response, UserPassRequest, UserPassResponse,
+    Address, Command, DecodeError, Greeting, Method, MethodSelection, Reply, Request, Response,
+    Socks4Command, Socks4Reply, Socks4Request, Socks4Response, UserPassRequest, UserPassResponse,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -26,6 +26,8 @@ use tokio::{
 use crate::{
     acl::{self, Action, AuthMethod, Dest, RequestInfo},
     config::Config,
+    metrics::Failure,
+    registry::{SessionHandle, State},
     relay::{self, Consumed, End},
     sys, udp, Shared,
 };
@@ -84,7 +86,38 @@ pub enum SessionError {
         reply: Reply,
         /// What happened.
         reason: String,
+        /// The cause, for the failure counters.
+        failure: Failure,
     },
+}
+
+impl SessionError {
+    /// The failure counter this error counts under.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::Io { .. } => Failure::IoError,
+            Self::ClientClosed => Failure::ClientClosed,
+            Self::NegotiationTimeout => Failure::NegotiationTimeout,
+            Self::Decode(DecodeError::Command { .. }) => Failure::Reply(Reply::CommandNotSupported),
+            Self::Decode(DecodeError::AddressType { .. }) => {
+                Failure::Reply(Reply::AddressTypeNotSupported)
+            }
+            Self::Decode(_) => Failure::ProtocolError,
+            Self::NoAcceptableMethod => Failure::NoAcceptableMethod,
+            Self::AuthFailed { .. } => Failure::AuthFailed,
+            Self::Blocked { .. } => Failure::RuleBlocked,
+            Self::Refused { failure, .. } => *failure,
+        }
+    }
+}
+
+/// A refusal with `reply`, counted under that reply code.
+fn refused(reply: Reply, reason: String) -> SessionError {
+    SessionError::Refused {
+        reply,
+        reason,
+        failure: Failure::Reply(reply),
+    }
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> SessionError {
@@ -110,10 +143,19 @@ struct Replier {
 }
 
 impl Replier {
-    async fn send(self, client: &mut TcpStream, reply: Reply, address: SocketAddr) -> Result<(), SessionError> {
+    async fn send(
+        self,
+        client: &mut TcpStream,
+        reply: Reply,
+        address: SocketAddr,
+    ) -> Result<(), SessionError> {
         let mut out = Vec::with_capacity(32);
         if self.version == 4 {
-            let reply = if reply == Reply::Succeeded { Socks4Reply::Granted } else { Socks4Reply::Rejected };
+            let reply = if reply == Reply::Succeeded {
+                Socks4Reply::Granted
+            } else {
+                Socks4Reply::Rejected
+            };
             let address = match address {
                 SocketAddr::V4(a) => a,
                 // SOCKS4 cannot carry an IPv6 address: the port alone is still useful.
@@ -121,12 +163,24 @@ impl Replier {
             };
             Socks4Response { reply, address }.encode(&mut out);
         } else {
-            Response { reply, address: Address::Ip(address) }.encode(&mut out);
+            Response {
+                reply,
+                address: Address::Ip(address),
+            }
+            .encode(&mut out);
         }
-        client.write_all(&out).await.map_err(io_err("writing to the client"))
+        client
+            .write_all(&out)
+            .await
+            .map_err(io_err("writing to the client"))
     }
 
-    async fn refuse<T>(self, client: &mut TcpStream, reply: Reply, err: SessionError) -> Result<T, SessionError> {
+    async fn refuse<T>(
+        self,
+        client: &mut TcpStream,
+        reply: Reply,
+        err: SessionError,
+    ) -> Result<T, SessionError> {
         let _ = self.send(client, reply, unspecified()).await;
         Err(err)
     }
@@ -139,10 +193,36 @@ fn unspecified() -> SocketAddr {
 /// Runs one client connection to completion. Never panics on network input.
 ///
 /// `methods` is the client rule's method restriction (`None`: the configured methods).
-pub async fn handle(shared: &Shared, config: Arc<Config>, mut client: TcpStream, peer: SocketAddr, methods: Option<Vec<AuthMethod>>) {
+pub async fn handle(
+    shared: &Shared,
+    config: Arc<Config>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    methods: Option<Vec<AuthMethod>>,
+) {
     let id = NEXT_SESSION.fetch_add(1, Relaxed);
-    let started = Instant::now();
-    let negotiated = match timeout(config.timeouts.negotiation, negotiate(shared, &config, &mut client, peer, methods.as_deref())).await {
+    let session = shared.registry.open(shared, id, peer);
+    let mut end = Ending {
+        id,
+        peer,
+        started: Instant::now(),
+        command: None,
+        target: None,
+        user: None,
+    };
+    let negotiated = match timeout(
+        config.timeouts.negotiation,
+        negotiate(
+            shared,
+            &session,
+            &config,
+            &mut client,
+            peer,
+            methods.as_deref(),
+        ),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => {
             shared.metrics.inc(Counter::NegotiationTimeouts);
@@ -152,53 +232,149 @@ pub async fn handle(shared: &Shared, config: Arc<Config>, mut client: TcpStream,
     let n = match negotiated {
         Ok(n) => n,
         Err(e) => {
-            fail(shared, id, peer, None, &e);
+            if let SessionError::AuthFailed { user } = &e {
+                end.user = Some(user.clone());
+            }
+            end.failed(shared, &session, &e);
             return;
         }
     };
-    let target = n.address.clone();
-    let user = n.user.clone();
-    match serve(shared, &config, id, client, peer, n).await {
-        Ok(Some(outcome)) => {
-            let path = outcome.path.name();
-            let secs = started.elapsed().as_secs_f64();
-            let (up, down) = (outcome.up, outcome.down);
-            match outcome.end {
-                End::Eof | End::Shutdown => {
-                    tracing::info!(session = id, client = %peer, target = %target, user = user.as_deref().unwrap_or("-"), path, up, down, secs, "session closed");
-                }
-                End::Idle => {
-                    tracing::info!(session = id, client = %peer, target = %target, user = user.as_deref().unwrap_or("-"), path, up, down, secs, "session idle, closed");
-                }
-                End::Error(e) => {
-                    tracing::info!(session = id, client = %peer, target = %target, user = user.as_deref().unwrap_or("-"), path, up, down, secs, cause = %e, "session reset");
-                }
-            }
-        }
-        Ok(None) => {}
-        Err(e) => fail(shared, id, peer, Some(&target), &e),
+    end.command = Some(n.command);
+    end.target = Some(n.address.to_string());
+    end.user.clone_from(&n.user);
+    session.set_request(n.command, n.address.to_string(), n.user.clone());
+    match serve(shared, &session, &config, id, client, peer, n).await {
+        Ok(s) => end.served(&session, s),
+        Err(e) => end.failed(shared, &session, &e),
     }
 }
 
-fn fail(shared: &Shared, id: u64, peer: SocketAddr, target: Option<&Address>, e: &SessionError) {
-    shared.metrics.inc(Counter::SessionsFailed);
-    match (target, e) {
-        (_, SessionError::AuthFailed { user }) => {
-            tracing::warn!(session = id, client = %peer, user = %user, "authentication failed");
+/// What a served request did.
+enum Served {
+    /// CONNECT or BIND relayed payload.
+    Relayed(relay::Outcome),
+    /// A UDP association ended.
+    Udp(udp::UdpOutcome),
+    /// BIND: the client went away before the peer connected.
+    BindAbandoned,
+}
+
+/// What the end-of-session log line needs; every way a session ends goes through
+/// [`Ending::served`] or [`Ending::failed`], which log exactly one `session ...` line with the
+/// same fields.
+struct Ending {
+    id: u64,
+    peer: SocketAddr,
+    started: Instant,
+    command: Option<acl::Command>,
+    target: Option<String>,
+    user: Option<String>,
+}
+
+impl Ending {
+    fn served(&self, session: &SessionHandle<'_>, served: Served) {
+        session.logged();
+        let Self {
+            id,
+            peer,
+            started,
+            command,
+            target,
+            user,
+        } = self;
+        let (secs, rule) = (started.elapsed().as_secs_f64(), session.rule());
+        let (target, user) = (
+            target.as_deref().unwrap_or("-"),
+            user.as_deref().unwrap_or("-"),
+        );
+        let (rule, command) = (
+            rule.as_deref().unwrap_or("-"),
+            command.map_or("-", acl::Command::as_str),
+        );
+        match served {
+            Served::Relayed(o) => {
+                let (path, up, down) = (o.path.name(), o.up, o.down);
+                match o.end {
+                    End::Eof => {
+                        tracing::info!(session = id, client = %peer, target, user, rule, command, path, up, down, secs, end = "eof", "session closed");
+                    }
+                    End::Shutdown => {
+                        tracing::info!(session = id, client = %peer, target, user, rule, command, path, up, down, secs, end = "shutdown", "session closed");
+                    }
+                    End::Idle => {
+                        tracing::info!(session = id, client = %peer, target, user, rule, command, path, up, down, secs, end = "idle", "session idle, closed");
+                    }
+                    End::Error(e) => {
+                        tracing::info!(session = id, client = %peer, target, user, rule, command, path, up, down, secs, end = "error", cause = %e, "session reset");
+                    }
+                }
+            }
+            Served::Udp(o) => {
+                tracing::info!(
+                    session = id, client = %peer, target, user, rule, command, path = "udp", up = o.up_bytes, down = o.down_bytes, secs,
+                    end = o.end, relay = %o.relay_addr, up_datagrams = o.up_datagrams, down_datagrams = o.down_datagrams,
+                    "UDP association closed"
+                );
+            }
+            Served::BindAbandoned => {
+                tracing::info!(session = id, client = %peer, target, user, rule, command, path = "-", up = 0u64, down = 0u64, secs, end = "client_closed", "session closed before the BIND peer connected");
+            }
         }
-        (Some(t), _) => tracing::info!(session = id, client = %peer, target = %t, cause = %e, "session failed"),
-        (None, _) => tracing::debug!(session = id, client = %peer, cause = %e, "session failed"),
+    }
+
+    fn failed(&self, shared: &Shared, session: &SessionHandle<'_>, e: &SessionError) {
+        session.logged();
+        shared.metrics.inc(Counter::SessionsFailed);
+        let failure = e.failure();
+        shared.metrics.inc(failure.counter());
+        let Self {
+            id,
+            peer,
+            started,
+            command,
+            target,
+            user,
+        } = self;
+        let rule = match e {
+            SessionError::Blocked { rule } => Some(rule.clone()),
+            _ => session.rule(),
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let (target, user) = (
+            target.as_deref().unwrap_or("-"),
+            user.as_deref().unwrap_or("-"),
+        );
+        let (rule, command) = (
+            rule.as_deref().unwrap_or("-"),
+            command.map_or("-", acl::Command::as_str),
+        );
+        let reason = failure.name();
+        if failure == Failure::AuthFailed {
+            tracing::warn!(session = id, client = %peer, target, user, rule, command, path = "-", up = 0u64, down = 0u64, secs, end = "failed", reason, cause = %e, "authentication failed");
+        } else {
+            tracing::info!(session = id, client = %peer, target, user, rule, command, path = "-", up = 0u64, down = 0u64, secs, end = "failed", reason, cause = %e, "session failed");
+        }
     }
 }
 
 /// Reads until `buf` holds at least one byte more than `have`.
-async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, read_total: &mut u64) -> Result<(), SessionError> {
+async fn read_more(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    read_total: &mut u64,
+) -> Result<(), SessionError> {
     if buf.len() >= NEGOTIATION_BUF {
-        return Err(DecodeError::Field { what: "message longer than any valid SOCKS message" }.into());
+        return Err(DecodeError::Field {
+            what: "message longer than any valid SOCKS message",
+        }
+        .into());
     }
     let mut chunk = [0u8; 1024];
     let room = (NEGOTIATION_BUF - buf.len()).min(chunk.len());
-    let n = client.read(&mut chunk[..room]).await.map_err(io_err("reading from the client"))?;
+    let n = client
+        .read(&mut chunk[..room])
+        .await
+        .map_err(io_err("reading from the client"))?;
     if n == 0 {
         return Err(SessionError::ClientClosed);
     }
@@ -207,13 +383,16 @@ async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, read_total: &mut u
     Ok(())
 }
 
+/// A codec entry point: the message and how many bytes it used, or why not.
+type Decoder<T> = fn(&[u8]) -> Result<(T, usize), DecodeError>;
+
 /// Decodes one message from `buf`, reading more as needed; consumed bytes are removed from
 /// `buf`, anything after the message stays.
 async fn read_message<T>(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
     read_total: &mut u64,
-    decode: fn(&[u8]) -> Result<(T, usize), DecodeError>,
+    decode: Decoder<T>,
 ) -> Result<T, SessionError> {
     loop {
         match decode(buf) {
@@ -228,11 +407,15 @@ async fn read_message<T>(
 }
 
 async fn write(client: &mut TcpStream, bytes: &[u8]) -> Result<(), SessionError> {
-    client.write_all(bytes).await.map_err(io_err("writing to the client"))
+    client
+        .write_all(bytes)
+        .await
+        .map_err(io_err("writing to the client"))
 }
 
 async fn negotiate(
     shared: &Shared,
+    session: &SessionHandle<'_>,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -245,35 +428,61 @@ async fn negotiate(
     }
     match buf[0] {
         4 => negotiate_v4(client, buf, read_total).await,
-        5 => negotiate_v5(shared, config, client, peer, restrict, buf, read_total).await,
+        5 => {
+            negotiate_v5(
+                shared, session, config, client, peer, restrict, buf, read_total,
+            )
+            .await
+        }
         found => Err(DecodeError::Version { found }.into()),
     }
 }
 
-async fn negotiate_v4(client: &mut TcpStream, mut buf: Vec<u8>, mut read_total: u64) -> Result<Negotiated, SessionError> {
+async fn negotiate_v4(
+    client: &mut TcpStream,
+    mut buf: Vec<u8>,
+    mut read_total: u64,
+) -> Result<Negotiated, SessionError> {
     let req = match read_message(client, &mut buf, &mut read_total, Socks4Request::decode).await {
         Ok(r) => r,
         Err(SessionError::Decode(e)) => {
             if e.socks4_reply().is_some() {
-                let _ = Replier { version: 4 }.send(client, Reply::GeneralFailure, unspecified()).await;
+                let _ = Replier { version: 4 }
+                    .send(client, Reply::GeneralFailure, unspecified())
+                    .await;
             }
             return Err(SessionError::Decode(e));
         }
         Err(e) => return Err(e),
     };
-    let Socks4Request { command, address, user_id } = req;
+    let Socks4Request {
+        command,
+        address,
+        user_id,
+    } = req;
     let command = match command {
         Socks4Command::Connect => acl::Command::Connect,
         Socks4Command::Bind => acl::Command::Bind,
     };
     // The SOCKS4 USERID is unauthenticated; rules may still match on it, as in Dante.
     let user = (!user_id.is_empty()).then(|| String::from_utf8_lossy(&user_id).into_owned());
-    Ok(Negotiated { version: 4, user, command, address, leftover: buf, read_total })
+    Ok(Negotiated {
+        version: 4,
+        user,
+        command,
+        address,
+        leftover: buf,
+        read_total,
+    })
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site; the negotiation state is passed along as is")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the negotiation state is passed along as is"
+)]
 async fn negotiate_v5(
     shared: &Shared,
+    session: &SessionHandle<'_>,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -281,7 +490,8 @@ async fn negotiate_v5(
     mut buf: Vec<u8>,
     mut read_total: u64,
 ) -> Result<Negotiated, SessionError> {
-    let greeting: Greeting = read_message(client, &mut buf, &mut read_total, Greeting::decode).await?;
+    let greeting: Greeting =
+        read_message(client, &mut buf, &mut read_total, Greeting::decode).await?;
     // Server preference order, narrowed by the client rule, intersected with what was offered.
     let chosen = config
         .auth
@@ -291,21 +501,41 @@ async fn negotiate_v5(
         .filter(|m| restrict.is_none_or(|r| r.contains(m)))
         .find(|m| greeting.methods.contains(&wire_method(*m)));
     let Some(chosen) = chosen else {
-        write(client, &encode(&MethodSelection { method: Method::NoAcceptable })).await?;
+        write(
+            client,
+            &encode(&MethodSelection {
+                method: Method::NoAcceptable,
+            }),
+        )
+        .await?;
         return Err(SessionError::NoAcceptableMethod);
     };
-    write(client, &encode(&MethodSelection { method: wire_method(chosen) })).await?;
+    write(
+        client,
+        &encode(&MethodSelection {
+            method: wire_method(chosen),
+        }),
+    )
+    .await?;
 
     let user = match chosen {
         AuthMethod::None => None,
-        AuthMethod::Username => Some(authenticate(shared, config, client, peer, &mut buf, &mut read_total).await?),
+        AuthMethod::Username => {
+            session.set_state(State::Authenticating);
+            let user =
+                authenticate(shared, config, client, peer, &mut buf, &mut read_total).await?;
+            session.set_state(State::Negotiating);
+            Some(user)
+        }
     };
 
     let request = match read_message(client, &mut buf, &mut read_total, Request::decode).await {
         Ok(r) => r,
         Err(SessionError::Decode(e)) => {
             if let Some(reply) = e.reply() {
-                let _ = Replier { version: 5 }.send(client, reply, unspecified()).await;
+                let _ = Replier { version: 5 }
+                    .send(client, reply, unspecified())
+                    .await;
             }
             return Err(SessionError::Decode(e));
         }
@@ -317,7 +547,14 @@ async fn negotiate_v5(
         Command::Bind => acl::Command::Bind,
         Command::UdpAssociate => acl::Command::UdpAssociate,
     };
-    Ok(Negotiated { version: 5, user, command, address, leftover: buf, read_total })
+    Ok(Negotiated {
+        version: 5,
+        user,
+        command,
+        address,
+        leftover: buf,
+        read_total,
+    })
 }
 
 fn wire_method(m: AuthMethod) -> Method {
@@ -342,7 +579,8 @@ async fn authenticate(
     buf: &mut Vec<u8>,
     read_total: &mut u64,
 ) -> Result<String, SessionError> {
-    let req: UserPassRequest = read_message(client, buf, read_total, UserPassRequest::decode).await?;
+    let req: UserPassRequest =
+        read_message(client, buf, read_total, UserPassRequest::decode).await?;
     let delay = shared.auth_failures.delay(peer.ip(), Instant::now());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -352,7 +590,9 @@ async fn authenticate(
         Some(db) => {
             let db = db.clone();
             let UserPassRequest { username, password } = req;
-            tokio::task::spawn_blocking(move || db.verify(&username, &password)).await.unwrap_or(false)
+            tokio::task::spawn_blocking(move || db.verify(&username, &password))
+                .await
+                .unwrap_or(false)
         }
         None => false,
     };
@@ -376,14 +616,26 @@ async fn authenticate(
 /// resolved address; only addresses that pass are returned.
 async fn authorize(
     shared: &Shared,
+    session: &SessionHandle<'_>,
     config: &Config,
     peer: SocketAddr,
     n: &Negotiated,
 ) -> Result<Vec<SocketAddr>, (Reply, SessionError)> {
-    let info = |dest| RequestInfo { client: peer.ip().to_canonical(), user: n.user.as_deref(), command: n.command, version: n.version, dest };
+    let info = |dest| RequestInfo {
+        client: peer.ip().to_canonical(),
+        user: n.user.as_deref(),
+        command: n.command,
+        version: n.version,
+        dest,
+    };
     let blocked = |shared: &Shared, verdict: &acl::Verdict<'_>| {
         shared.metrics.inc(Counter::RequestsBlocked);
-        (Reply::NotAllowed, SessionError::Blocked { rule: verdict.rule.to_owned() })
+        (
+            Reply::NotAllowed,
+            SessionError::Blocked {
+                rule: verdict.rule.to_owned(),
+            },
+        )
     };
     let log = |verdict: &acl::Verdict<'_>, what: &dyn std::fmt::Display| {
         if verdict.log {
@@ -392,11 +644,14 @@ async fn authorize(
     };
     match &n.address {
         Address::Ip(a) => {
-            let v = config.rules.check_request(&info(Dest::Ip(a.ip().to_canonical(), a.port())));
+            let v = config
+                .rules
+                .check_request(&info(Dest::Ip(a.ip().to_canonical(), a.port())));
             log(&v, a);
             if v.action == Action::Block {
                 return Err(blocked(shared, &v));
             }
+            session.set_rule(v.rule);
             Ok(vec![*a])
         }
         Address::Domain(host, port) => {
@@ -406,22 +661,43 @@ async fn authorize(
                     return Err(blocked(shared, &v));
                 }
             }
-            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), *port)).await {
+            session.set_state(State::Resolving);
+            let t0 = Instant::now();
+            let lookup = tokio::net::lookup_host((host.as_str(), *port)).await;
+            shared
+                .metrics
+                .observe(proxy_common::metrics::DNS_LATENCY, t0.elapsed());
+            let resolved: Vec<SocketAddr> = match lookup {
                 Ok(it) => it.collect(),
                 Err(e) => {
+                    let reason = format!("cannot resolve {host}: {e}");
+                    let failure = Failure::ResolveFailed;
                     return Err((
                         Reply::HostUnreachable,
-                        SessionError::Refused { reply: Reply::HostUnreachable, reason: format!("cannot resolve {host}: {e}") },
-                    ))
+                        SessionError::Refused {
+                            reply: Reply::HostUnreachable,
+                            reason,
+                            failure,
+                        },
+                    ));
                 }
             };
             let mut allowed = Vec::with_capacity(resolved.len());
             let mut first_block = None;
             for a in resolved {
-                let v = config.rules.check_request(&info(Dest::Resolved(host, a.ip().to_canonical(), a.port())));
+                let v = config.rules.check_request(&info(Dest::Resolved(
+                    host,
+                    a.ip().to_canonical(),
+                    a.port(),
+                )));
                 log(&v, &a);
                 match v.action {
-                    Action::Pass => allowed.push(a),
+                    Action::Pass => {
+                        if allowed.is_empty() {
+                            session.set_rule(v.rule);
+                        }
+                        allowed.push(a);
+                    }
                     Action::Block => {
                         first_block.get_or_insert(v.rule.to_owned());
                     }
@@ -440,43 +716,64 @@ async fn authorize(
 /// Serves an authorised request. Returns the relay outcome for CONNECT and BIND, None for UDP.
 async fn serve(
     shared: &Shared,
+    session: &SessionHandle<'_>,
     config: &Config,
     id: u64,
     mut client: TcpStream,
     peer: SocketAddr,
     n: Negotiated,
-) -> Result<Option<relay::Outcome>, SessionError> {
+) -> Result<Served, SessionError> {
     let replier = Replier { version: n.version };
-    let targets = match authorize(shared, config, peer, &n).await {
+    let targets = match authorize(shared, session, config, peer, &n).await {
         Ok(t) => t,
         Err((reply, e)) => return replier.refuse(&mut client, reply, e).await,
     };
     let _ = client.set_nodelay(true);
     let upstream = match n.command {
         acl::Command::Connect => {
+            session.set_state(State::Connecting);
+            let t0 = Instant::now();
             let upstream = match timeout(config.timeouts.connect, connect(config, &targets)).await {
-                Ok(Ok(s)) => s,
+                Ok(Ok(s)) => {
+                    shared
+                        .metrics
+                        .observe(proxy_common::metrics::CONNECT_LATENCY, t0.elapsed());
+                    s
+                }
                 Ok(Err(e)) => {
                     let reply = reply_for(&e);
                     let reason = format!("connect to {}: {e}", n.address);
-                    return replier.refuse(&mut client, reply, SessionError::Refused { reply, reason }).await;
+                    return replier
+                        .refuse(&mut client, reply, refused(reply, reason))
+                        .await;
                 }
                 Err(_) => {
                     let reason = format!("connect to {} timed out", n.address);
-                    return replier.refuse(&mut client, Reply::TtlExpired, SessionError::Refused { reply: Reply::TtlExpired, reason }).await;
+                    let err = SessionError::Refused {
+                        reply: Reply::TtlExpired,
+                        reason,
+                        failure: Failure::ConnectTimeout,
+                    };
+                    return replier.refuse(&mut client, Reply::TtlExpired, err).await;
                 }
             };
-            let bound = upstream.local_addr().map_err(io_err("reading the outbound address"))?;
+            let bound = upstream
+                .local_addr()
+                .map_err(io_err("reading the outbound address"))?;
             replier.send(&mut client, Reply::Succeeded, bound).await?;
             upstream
         }
-        acl::Command::Bind => match bind(shared, config, &mut client, replier, &targets).await? {
-            Some(s) => s,
-            None => return Ok(None),
-        },
+        acl::Command::Bind => {
+            match bind(shared, session, config, &mut client, replier, &targets).await? {
+                Some(s) => s,
+                None => return Ok(Served::BindAbandoned),
+            }
+        }
         acl::Command::UdpAssociate => {
-            udp_associate(shared, config, id, &mut client, peer, &n).await?;
-            return Ok(None);
+            session.set_state(State::Udp);
+            return udp_associate(shared, config, &mut client, peer, &n)
+                .await
+                .map(Served::Udp);
         }
     };
     let _ = upstream.set_nodelay(true);
@@ -484,16 +781,26 @@ async fn serve(
     // Payload the client pipelined behind its request goes first, before the relay starts.
     let mut upstream = upstream;
     if !n.leftover.is_empty() {
-        upstream.write_all(&n.leftover).await.map_err(io_err("writing pipelined bytes to the target"))?;
+        upstream
+            .write_all(&n.leftover)
+            .await
+            .map_err(io_err("writing pipelined bytes to the target"))?;
     }
-    let consumed = Consumed { from_client: n.read_total, forwarded: n.leftover.len() as u64 };
-    Ok(Some(relay::relay(shared, config, id, client, upstream, consumed).await))
+    let consumed = Consumed {
+        from_client: n.read_total,
+        forwarded: n.leftover.len() as u64,
+    };
+    Ok(Served::Relayed(
+        relay::relay(shared, session, config, id, client, upstream, consumed).await,
+    ))
 }
 
 /// Bandwidth limits as socket pacing (SO_MAX_PACING_RATE): enforced by TCP itself, so spliced
 /// sessions stay in the kernel.
 fn pace(config: &Config, user: Option<&str>, client: &TcpStream, upstream: &TcpStream) {
-    let rate = user.and_then(|u| config.limits.user_bandwidth.get(u).copied()).unwrap_or(config.limits.bandwidth);
+    let rate = user
+        .and_then(|u| config.limits.user_bandwidth.get(u).copied())
+        .unwrap_or(config.limits.bandwidth);
     if rate == 0 {
         return;
     }
@@ -508,7 +815,11 @@ fn pace(config: &Config, user: Option<&str>, client: &TcpStream, upstream: &TcpS
 
 /// A socket for an outgoing connection or BIND listener, bound per `[outgoing]`.
 fn outgoing_socket(config: &Config, target: &SocketAddr) -> io::Result<TcpSocket> {
-    let sock = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if let Some(ifname) = &config.outgoing.interface {
         sys::bind_to_device(sock.as_fd(), ifname)?;
     }
@@ -541,13 +852,16 @@ async fn connect(config: &Config, targets: &[SocketAddr]) -> io::Result<TcpStrea
 /// who connected. Returns the accepted connection, or None when the client went away.
 async fn bind(
     shared: &Shared,
+    session: &SessionHandle<'_>,
     config: &Config,
     client: &mut TcpStream,
     replier: Replier,
     expected: &[SocketAddr],
 ) -> Result<Option<TcpStream>, SessionError> {
     let Some(first) = expected.first() else {
-        return replier.refuse(client, Reply::GeneralFailure, SessionError::ClientClosed).await;
+        return replier
+            .refuse(client, Reply::GeneralFailure, SessionError::ClientClosed)
+            .await;
     };
     // Listen on the address the target will reach us by: the configured outgoing address, else
     // the source address routing picks towards the expected peer.
@@ -556,7 +870,12 @@ async fn bind(
         SocketAddr::V6(_) => config.outgoing.ipv6.map(IpAddr::V6),
     }
     .or_else(|| sys::route_source(*first).ok())
-    .unwrap_or_else(|| client.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0])));
+    .unwrap_or_else(|| {
+        client
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    });
     let listener = match outgoing_socket(config, first).and_then(|s| {
         s.set_reuseaddr(true)?;
         if config.outgoing.ipv4.is_none() && config.outgoing.ipv6.is_none() {
@@ -567,12 +886,17 @@ async fn bind(
         Ok(l) => l,
         Err(e) => {
             let reply = reply_for(&e);
-            return replier.refuse(client, reply, SessionError::Refused { reply, reason: format!("BIND listen: {e}") }).await;
+            return replier
+                .refuse(client, reply, refused(reply, format!("BIND listen: {e}")))
+                .await;
         }
     };
-    let bound = listener.local_addr().map_err(io_err("reading the BIND address"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(io_err("reading the BIND address"))?;
     shared.metrics.inc(Counter::BindsTotal);
     replier.send(client, Reply::Succeeded, bound).await?;
+    session.set_state(State::BindWaiting);
 
     let wait = accept_expected(&listener, expected);
     let accepted = tokio::select! {
@@ -582,10 +906,26 @@ async fn bind(
     };
     let (stream, from) = match accepted {
         Ok(Ok(a)) => a,
-        Ok(Err(e)) => return replier.refuse(client, Reply::GeneralFailure, SessionError::Io { context: "BIND accept", source: e }).await,
+        Ok(Err(e)) => {
+            return replier
+                .refuse(
+                    client,
+                    Reply::GeneralFailure,
+                    SessionError::Io {
+                        context: "BIND accept",
+                        source: e,
+                    },
+                )
+                .await
+        }
         Err(_) => {
             let reason = "no connection before timeouts.bind".to_owned();
-            return replier.refuse(client, Reply::TtlExpired, SessionError::Refused { reply: Reply::TtlExpired, reason }).await;
+            let err = SessionError::Refused {
+                reply: Reply::TtlExpired,
+                reason,
+                failure: Failure::BindTimeout,
+            };
+            return replier.refuse(client, Reply::TtlExpired, err).await;
         }
     };
     replier.send(client, Reply::Succeeded, from).await?;
@@ -603,7 +943,10 @@ async fn closed(client: &TcpStream) {
 
 /// Accepts connections until one comes from an expected address (Dante checks the peer's
 /// address against the request's; an unspecified request address accepts anyone).
-async fn accept_expected(listener: &TcpListener, expected: &[SocketAddr]) -> io::Result<(TcpStream, SocketAddr)> {
+async fn accept_expected(
+    listener: &TcpListener,
+    expected: &[SocketAddr],
+) -> io::Result<(TcpStream, SocketAddr)> {
     loop {
         let (s, from) = listener.accept().await?;
         let ok = expected
@@ -619,38 +962,50 @@ async fn accept_expected(listener: &TcpListener, expected: &[SocketAddr]) -> io:
 async fn udp_associate(
     shared: &Shared,
     config: &Config,
-    id: u64,
     client: &mut TcpStream,
     peer: SocketAddr,
     n: &Negotiated,
-) -> Result<(), SessionError> {
+) -> Result<udp::UdpOutcome, SessionError> {
     let rules = config.rules.clone();
     let user = n.user.clone();
     let client_ip = peer.ip().to_canonical();
     let check = move |dest: Dest<'_>| {
-        let info = RequestInfo { client: client_ip, user: user.as_deref(), command: acl::Command::UdpAssociate, version: 5, dest };
+        let info = RequestInfo {
+            client: client_ip,
+            user: user.as_deref(),
+            command: acl::Command::UdpAssociate,
+            version: 5,
+            dest,
+        };
         rules.check_request(&info).action == Action::Pass
     };
     let rules2 = config.rules.clone();
     let user2 = n.user.clone();
     let check_name = move |host: &str, port: u16| {
-        let info = RequestInfo { client: client_ip, user: user2.as_deref(), command: acl::Command::UdpAssociate, version: 5, dest: Dest::Name(host, port) };
-        rules2.check_name(&info).is_none_or(|v| v.action == Action::Pass)
+        let info = RequestInfo {
+            client: client_ip,
+            user: user2.as_deref(),
+            command: acl::Command::UdpAssociate,
+            version: 5,
+            dest: Dest::Name(host, port),
+        };
+        rules2
+            .check_name(&info)
+            .is_none_or(|v| v.action == Action::Pass)
     };
     let allow = move |a: SocketAddr| check(Dest::Ip(a.ip().to_canonical(), a.port()));
-    let policy = udp::UdpPolicy { metrics: &shared.metrics, allow: &allow, allow_name: &check_name, idle: config.timeouts.udp_idle };
-    let started = Instant::now();
-    match udp::associate(client, &n.address, &policy).await {
-        Ok(o) => {
-            tracing::info!(
-                session = id, client = %peer, relay = %o.relay_addr, user = n.user.as_deref().unwrap_or("-"),
-                up_datagrams = o.up_datagrams, up = o.up_bytes, down_datagrams = o.down_datagrams, down = o.down_bytes,
-                secs = started.elapsed().as_secs_f64(), end = o.end, "UDP association closed"
-            );
-            Ok(())
-        }
-        Err(e) => Err(SessionError::Io { context: "UDP association", source: e }),
-    }
+    let policy = udp::UdpPolicy {
+        metrics: &shared.metrics,
+        allow: &allow,
+        allow_name: &check_name,
+        idle: config.timeouts.udp_idle,
+    };
+    udp::associate(client, &n.address, &policy)
+        .await
+        .map_err(|e| SessionError::Io {
+            context: "UDP association",
+            source: e,
+        })
 }
 
 /// The RFC 1928 reply code for a connect error.

@@ -94,11 +94,23 @@ pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     Ok((v != 0).then(|| io::Error::from_raw_os_error(v)))
 }
 
-fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `v` is a writable int of `len` bytes.
-    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&raw mut v).cast(), &raw mut len) })?;
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    })?;
     Ok(v)
 }
 
@@ -130,7 +142,10 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
 
 /// `SO_LINGER` with a zero timeout: the next `close()` sends RST instead of FIN.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let lg = libc::linger { l_onoff: 1, l_linger: 0 };
+    let lg = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: passes a readable `linger` of the stated size.
     cvt(unsafe {
         libc::setsockopt(
@@ -156,7 +171,13 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut len = mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `v` is a writable u64 of `len` bytes.
     cvt(unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &raw mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
     })?;
     Ok(v)
 }
@@ -211,16 +232,27 @@ pub fn bind_to_device(fd: BorrowedFd<'_>, ifname: &str) -> io::Result<()> {
 
 /// The local address routing would use to reach `dst` (a connected UDP socket sends nothing).
 pub fn route_source(dst: std::net::SocketAddr) -> io::Result<std::net::IpAddr> {
-    let any: std::net::SocketAddr = if dst.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let any: std::net::SocketAddr = if dst.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     let s = std::net::UdpSocket::bind(any)?;
-    let target = if dst.port() == 0 { std::net::SocketAddr::new(dst.ip(), 9) } else { dst };
+    let target = if dst.port() == 0 {
+        std::net::SocketAddr::new(dst.ip(), 9)
+    } else {
+        dst
+    };
     s.connect(target)?;
     Ok(s.local_addr()?.ip())
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a writable rlimit.
     cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) })?;
     if lim.rlim_cur < lim.rlim_max {
@@ -260,7 +292,10 @@ mod tests {
         // sockmap path therefore only compares differences against a baseline.
         let cinfo = tcp_info(c.as_fd()).unwrap();
         assert_eq!(cinfo.bytes_acked + outq(c.as_fd()).unwrap(), 1 + 1000 + 1);
-        assert_ne!(socket_cookie(c.as_fd()).unwrap(), socket_cookie(s.as_fd()).unwrap());
+        assert_ne!(
+            socket_cookie(c.as_fd()).unwrap(),
+            socket_cookie(s.as_fd()).unwrap()
+        );
     }
 
     #[test]
@@ -280,7 +315,9 @@ mod tests {
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
                 Err(e) => panic!("{e}"),
             }
         }

@@ -8,7 +8,7 @@ use ebsocks::{config::DataPathMode, Config, RunOptions};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::oneshot,
+    sync::mpsc,
     task::JoinHandle,
     time::timeout,
 };
@@ -17,14 +17,18 @@ const T: Duration = Duration::from_secs(10);
 
 struct Server {
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<mpsc::Sender<()>>,
     task: JoinHandle<Result<(), ebsocks::Error>>,
     _dir: PathBuf,
 }
 
 impl Server {
     async fn start(path: DataPathMode, negotiation: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ebsocks-proto-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "ebsocks-proto-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let addr_file = dir.join("addr");
         let mut config = Config::parse(&format!(
@@ -33,11 +37,12 @@ impl Server {
         ))
         .unwrap();
         config.data_path = path;
-        let (tx, rx) = oneshot::channel::<()>();
-        let opts = RunOptions { addr_file: Some(addr_file.clone()), ..Default::default() };
-        let task = tokio::spawn(ebsocks::run(config, opts, async move {
-            let _ = rx.await;
-        }));
+        let (tx, rx) = mpsc::channel::<()>(1);
+        let opts = RunOptions {
+            addr_file: Some(addr_file.clone()),
+            ..Default::default()
+        };
+        let task = tokio::spawn(ebsocks::run(config, opts, rx));
         let addr = timeout(T, async {
             loop {
                 if let Ok(s) = std::fs::read_to_string(&addr_file) {
@@ -50,12 +55,21 @@ impl Server {
         })
         .await
         .expect("server did not start");
-        Self { addr, stop: Some(tx), task, _dir: dir }
+        Self {
+            addr,
+            stop: Some(tx),
+            task,
+            _dir: dir,
+        }
     }
 
     async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        timeout(T, self.task).await.expect("run() did not return").unwrap().unwrap();
+        let _ = self.stop.take().unwrap().send(()).await;
+        timeout(T, self.task)
+            .await
+            .expect("run() did not return")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -70,7 +84,9 @@ async fn echo_server() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -82,7 +98,9 @@ async fn echo_server() -> SocketAddr {
 }
 
 fn connect_request(target: SocketAddr) -> Vec<u8> {
-    let SocketAddr::V4(v4) = target else { panic!("v4 only") };
+    let SocketAddr::V4(v4) = target else {
+        panic!("v4 only")
+    };
     let mut r = vec![5, 1, 0, 1];
     r.extend_from_slice(&v4.ip().octets());
     r.extend_from_slice(&v4.port().to_be_bytes());
@@ -92,7 +110,10 @@ fn connect_request(target: SocketAddr) -> Vec<u8> {
 /// Reads until EOF (bounded); returns everything read.
 async fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
-    timeout(T, s.read_to_end(&mut out)).await.expect("no EOF").unwrap_or(0);
+    timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("no EOF")
+        .unwrap_or(0);
     out
 }
 
@@ -127,9 +148,15 @@ async fn malformed_messages_get_rfc_replies_and_a_close() {
         // No acceptable method (only username/password offered).
         (&[5, 1, 2], &[5, 0xff]),
         // Unknown command 9.
-        (&[5, 1, 0, 5, 9, 0, 1, 127, 0, 0, 1, 0, 80], &[5, 0, 5, 7, 0, 1, 0, 0, 0, 0, 0, 0]),
+        (
+            &[5, 1, 0, 5, 9, 0, 1, 127, 0, 0, 1, 0, 80],
+            &[5, 0, 5, 7, 0, 1, 0, 0, 0, 0, 0, 0],
+        ),
         // Unknown address type 9.
-        (&[5, 1, 0, 5, 1, 0, 9, 1, 2, 3], &[5, 0, 5, 8, 0, 1, 0, 0, 0, 0, 0, 0]),
+        (
+            &[5, 1, 0, 5, 1, 0, 9, 1, 2, 3],
+            &[5, 0, 5, 8, 0, 1, 0, 0, 0, 0, 0, 0],
+        ),
         // SOCKS4 with an unknown command: request rejected (91).
         (&[4, 9, 0, 80, 127, 0, 0, 1, 0], &[0, 91, 0, 0, 0, 0, 0, 0]),
     ];
@@ -159,6 +186,10 @@ async fn refused_target_gets_0x05_and_silent_client_is_cut() {
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     let started = std::time::Instant::now();
     assert!(read_to_eof(&mut silent).await.is_empty());
-    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
     server.stop().await;
 }

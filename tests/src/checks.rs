@@ -34,3 +34,59 @@ pub async fn assert_path_used(d: &Daemon, path: DataPath, n: u64) {
     })
     .await;
 }
+
+/// Waits until the monotonic `counters.<name>` equals `want`; fails at once if it goes beyond (an event
+/// counted that should not have been) or if it does not get there within [`STATS_SETTLE`].
+pub async fn wait_counter(d: &Daemon, name: &str, want: u64) {
+    poll_until(
+        STATS_SETTLE,
+        &format!("counters.{name} == {want}"),
+        |last| {
+            let s = d.stats();
+            let v = s.counter(name);
+            *last = s.json["counters"].to_string();
+            assert!(
+                v <= want,
+                "counters.{name} is {v}, more than the {want} expected: {}",
+                s.json["counters"]
+            );
+            (v == want).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until the gauge `counters.<name>` (e.g. `udp_associations_active`) equals `want`;
+/// unlike [`wait_counter`] it may pass through other values on the way.
+pub async fn wait_gauge(d: &Daemon, name: &str, want: u64) {
+    poll_until(
+        STATS_SETTLE,
+        &format!("counters.{name} == {want}"),
+        |last| {
+            let s = d.stats();
+            *last = s.json["counters"].to_string();
+            (s.counter(name) == want).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Polls the daemon's stderr until it contains `needle` at least `times` times.
+pub async fn wait_log(d: &Daemon, needle: &str, times: usize) {
+    poll_until(
+        STATS_SETTLE,
+        &format!("{times} x {needle:?} in the daemon's stderr"),
+        |last| {
+            let log = d.stderr_log();
+            let n = log.matches(needle).count();
+            *last = format!("{n} times; log tail: {}", tail(&log, 10));
+            (n >= times).then_some(())
+        },
+    )
+    .await;
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let v: Vec<&str> = log.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}

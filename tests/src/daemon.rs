@@ -76,6 +76,9 @@ pub struct DaemonOpts {
     pub listen: Vec<String>,
     /// Appended after the top-level keys, e.g. "[timeouts]\nnegotiation = \"1s\"".
     pub extra_toml: String,
+    /// Whether to write `allow_clients = ["127.0.0.0/8", "::1/128"]`. The daemon refuses it
+    /// next to `[[client_rule]]` tables, so tests with client rules turn it off.
+    pub allow_clients: bool,
 }
 
 impl Default for DaemonOpts {
@@ -84,6 +87,7 @@ impl Default for DaemonOpts {
             data_path: DataPath::Auto,
             listen: vec!["127.0.0.1:0".into()],
             extra_toml: String::new(),
+            allow_clients: true,
         }
     }
 }
@@ -104,10 +108,15 @@ pub struct Daemon {
     child: Option<Child>,
     addrs: Vec<SocketAddr>,
     pin_dir: PathBuf,
+    /// The top-level keys of the config file (listen, data_path, pin_dir, allow_clients),
+    /// kept so that [`Daemon::rewrite_config`] changes only the rest.
+    header: String,
+    config: PathBuf,
     dir: tempfile::TempDir,
 }
 
-fn toml_str(s: &str) -> String {
+/// `s` as a TOML basic string (quoted and escaped).
+pub fn toml_str(s: &str) -> String {
     // A JSON string literal is a valid TOML basic string.
     serde_json::Value::String(s.to_owned()).to_string()
 }
@@ -132,13 +141,16 @@ impl Daemon {
         let config = dir.path().join("ebsocks.toml");
         let addr_file = dir.path().join("addrs");
         let listen: Vec<String> = opts.listen.iter().map(|a| toml_str(a)).collect();
-        let text = format!(
-            "listen = [{}]\ndata_path = {}\npin_dir = {}\nallow_clients = [\"127.0.0.0/8\", \"::1/128\"]\n{}\n",
+        let mut header = format!(
+            "listen = [{}]\ndata_path = {}\npin_dir = {}\n",
             listen.join(", "),
             toml_str(opts.data_path.as_str()),
             toml_str(&pin_dir.to_string_lossy()),
-            opts.extra_toml,
         );
+        if opts.allow_clients {
+            header.push_str("allow_clients = [\"127.0.0.0/8\", \"::1/128\"]\n");
+        }
+        let text = format!("{header}{}\n", opts.extra_toml);
         std::fs::write(&config, &text).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log");
@@ -169,6 +181,8 @@ impl Daemon {
             child: Some(child),
             addrs: Vec::new(),
             pin_dir,
+            header,
+            config,
             dir,
         };
         d.addrs = d.wait_ready(&addr_file, &text);
@@ -269,6 +283,42 @@ impl Daemon {
         Stats {
             json: self.stats_json(),
         }
+    }
+
+    /// The config file the daemon was started with (and re-reads on SIGHUP).
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Replaces the config file with the same top-level keys (listen, data_path, pin_dir,
+    /// allow_clients) followed by `extra_toml`. The file is replaced atomically (rename), so
+    /// a reload never reads half of it. The daemon sees it only after [`Daemon::sighup`].
+    pub fn rewrite_config(&self, extra_toml: &str) {
+        self.write_config_raw(&format!("{}{extra_toml}\n", self.header));
+    }
+
+    /// Replaces the config file with exactly `text` (e.g. an invalid one), atomically.
+    pub fn write_config_raw(&self, text: &str) {
+        let tmp = self.dir.path().join("ebsocks.toml.new");
+        std::fs::write(&tmp, text).expect("write new config");
+        std::fs::rename(&tmp, &self.config).expect("rename new config into place");
+    }
+
+    /// Sends SIGHUP (reload the config file).
+    pub fn sighup(&self) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid");
+        // SAFETY: `pid` is our own child, not yet reaped (the Child is still held).
+        let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+        assert_eq!(rc, 0, "kill(SIGHUP): {}", std::io::Error::last_os_error());
+    }
+
+    /// The exit status if the daemon has exited, `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .expect("daemon stopped")
+            .try_wait()
+            .expect("try_wait")
     }
 
     /// Sends SIGTERM and checks a clean shutdown: exit status 0 within

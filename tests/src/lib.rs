@@ -3,9 +3,10 @@
 //! The tests drive the real binary as a black box: they start it with a
 //! temporary config ([`daemon::Daemon`]), talk to it with a SOCKS5 client
 //! written here from RFC 1928 ([`socks`]) and check what arrives at target
-//! servers that run inside the test ([`targets`]). Nothing here depends on a
-//! crate of the workspace, so a bug shared by the codec and its user cannot
-//! hide itself.
+//! servers that run inside the test ([`targets`]). SOCKS4/4a has its own small
+//! client ([`socks4`]), and [`users`] writes RFC 1929 users files. Nothing
+//! here depends on a crate of the workspace, so a bug shared by the codec and
+//! its user cannot hide itself.
 //!
 //! Every test starts with [`gate::require_privileged`]: without root, bpffs,
 //! a working `bpf(2)` or the daemon binary it prints `SKIP: …` and passes,
@@ -32,8 +33,10 @@ pub mod daemon;
 pub mod gate;
 pub mod pattern;
 pub mod socks;
+pub mod socks4;
 pub mod stats;
 pub mod targets;
+pub mod users;
 pub mod util;
 
 pub use daemon::{Daemon, DaemonOpts, DataPath};
@@ -41,4 +44,5 @@ pub use gate::{require_privileged, skip_or_panic};
 pub use pattern::{exchange, recv_exact, recv_to_eof, send_and_recv, send_pattern, Pattern, Plan};
 pub use stats::{SessionRow, Stats};
 pub use targets::{accept_one, listen, Echo, Task};
-pub use util::{poll_until, raise_nofile_limit, within};
+pub use users::UsersFile;
+pub use util::{assert_no_connection, poll_until, raise_nofile_limit, wait_closed, within};

@@ -242,3 +242,238 @@ pub async fn connect(proxy: SocketAddr, target: impl Into<Target>) -> TcpStream 
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+// ---------------------------------------------------------------------------
+// Method negotiation and RFC 1929 username/password authentication.
+//
+// ```text
+// method selection:  VER=5 METHOD          (METHOD X'FF' = no acceptable method)
+// RFC 1929 request:  VER=1 ULEN UNAME PLEN PASSWD
+// RFC 1929 reply:    VER=1 STATUS          (0 = success, anything else = failure)
+// ```
+// ---------------------------------------------------------------------------
+
+pub const METHOD_USERPASS: u8 = 0x02;
+pub const METHOD_NO_ACCEPTABLE: u8 = 0xFF;
+pub const REP_NOT_ALLOWED: u8 = 0x02;
+pub const REP_TTL_EXPIRED: u8 = 0x06;
+
+/// A greeting offering exactly `methods`, in that order.
+pub fn greeting_methods(methods: &[u8]) -> Vec<u8> {
+    let n = u8::try_from(methods.len()).expect("at most 255 methods");
+    let mut v = vec![VERSION, n];
+    v.extend_from_slice(methods);
+    v
+}
+
+/// Reads the method selection and returns the chosen METHOD, whatever it is.
+pub async fn read_method_choice(s: &mut TcpStream) -> io::Result<u8> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await?;
+    if b[0] != VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("method selection {b:02x?}: version is not 5"),
+        ));
+    }
+    Ok(b[1])
+}
+
+/// The RFC 1929 sub-negotiation request.
+pub fn userpass_request(user: &str, pass: &str) -> Vec<u8> {
+    let mut v = vec![1u8];
+    for field in [user, pass] {
+        v.push(u8::try_from(field.len()).expect("RFC 1929 fields are at most 255 bytes"));
+        v.extend_from_slice(field.as_bytes());
+    }
+    v
+}
+
+/// Reads the RFC 1929 reply and returns STATUS.
+pub async fn read_auth_status(s: &mut TcpStream) -> io::Result<u8> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await?;
+    if b[0] != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("RFC 1929 reply {b:02x?}: version is not 1"),
+        ));
+    }
+    Ok(b[1])
+}
+
+/// How a client authenticates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// Offers only X'00'.
+    None,
+    /// Offers only X'02' and logs in with (user, password).
+    UserPass(String, String),
+}
+
+impl Auth {
+    pub fn user(user: &str, pass: &str) -> Self {
+        Self::UserPass(user.to_owned(), pass.to_owned())
+    }
+}
+
+/// Connects to `proxy` from an address of our choosing (`local` port 0), e.g. 127.0.0.2
+/// to look like another client.
+pub async fn tcp_connect_from(local: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let sock = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(local, 0))?;
+    let s = tokio::time::timeout(HANDSHAKE_LIMIT, sock.connect(to))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Greeting (with `auth`), authentication, then request `cmd` for `target`; returns the
+/// stream right after the reply, whatever its code. Any deviation before the request (the
+/// server picks another method, authentication fails) is an error. Every step is bounded.
+pub async fn handshake_auth(
+    proxy: SocketAddr,
+    auth: &Auth,
+    cmd: u8,
+    target: &Target,
+) -> io::Result<(TcpStream, Reply)> {
+    let s = tokio::time::timeout(HANDSHAKE_LIMIT, TcpStream::connect(proxy))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "SOCKS5: connect timed out"))??;
+    s.set_nodelay(true)?;
+    handshake_on(s, auth, cmd, target).await
+}
+
+/// [`handshake_auth`] on an already connected stream.
+pub async fn handshake_on(
+    mut s: TcpStream,
+    auth: &Auth,
+    cmd: u8,
+    target: &Target,
+) -> io::Result<(TcpStream, Reply)> {
+    let timed_out = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("SOCKS5 handshake: timed out at {what}"),
+        )
+    };
+    let (methods, want) = match auth {
+        Auth::None => (vec![METHOD_NO_AUTH], METHOD_NO_AUTH),
+        Auth::UserPass(..) => (vec![METHOD_USERPASS], METHOD_USERPASS),
+    };
+    s.write_all(&greeting_methods(&methods)).await?;
+    let m = tokio::time::timeout(HANDSHAKE_LIMIT, read_method_choice(&mut s))
+        .await
+        .map_err(|_| timed_out("method selection"))??;
+    if m != want {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("server chose method {m:#04x}, expected {want:#04x}"),
+        ));
+    }
+    if let Auth::UserPass(user, pass) = auth {
+        s.write_all(&userpass_request(user, pass)).await?;
+        let status = tokio::time::timeout(HANDSHAKE_LIMIT, read_auth_status(&mut s))
+            .await
+            .map_err(|_| timed_out("RFC 1929 reply"))??;
+        if status != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("RFC 1929 status {status:#04x} for user {user:?}"),
+            ));
+        }
+    }
+    s.write_all(&request(cmd, target)).await?;
+    let reply = tokio::time::timeout(HANDSHAKE_LIMIT, read_reply(&mut s))
+        .await
+        .map_err(|_| timed_out("reply"))??;
+    Ok((s, reply))
+}
+
+/// Returns the reply code of a CONNECT, after authenticating with `auth`; the stream is
+/// returned on success only.
+pub async fn connect_auth(
+    proxy: SocketAddr,
+    auth: &Auth,
+    target: impl Into<Target>,
+) -> Result<TcpStream, String> {
+    let target = target.into();
+    let (s, reply) = handshake_auth(proxy, auth, CMD_CONNECT, &target)
+        .await
+        .map_err(|e| format!("CONNECT {target:?} via {proxy} ({auth:?}): {e}"))?;
+    if reply.code != REP_SUCCEEDED {
+        return Err(format!(
+            "CONNECT {target:?} via {proxy} ({auth:?}): reply code {:#04x}",
+            reply.code
+        ));
+    }
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------
+// UDP ASSOCIATE datagrams (RFC 1928 section 7).
+//
+// ```text
+// RSV(2)=0 FRAG(1) ATYP DST.ADDR DST.PORT DATA
+// ```
+// ---------------------------------------------------------------------------
+
+/// A client-to-relay datagram for `target` carrying `data`.
+pub fn udp_datagram(frag: u8, target: &Target, data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, frag];
+    target.encode(&mut v);
+    v.extend_from_slice(data);
+    v
+}
+
+/// A parsed relay-to-client datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpDatagram {
+    pub frag: u8,
+    /// The target the payload came from.
+    pub source: Target,
+    pub data: Vec<u8>,
+}
+
+/// Parses a datagram the relay sent to the client.
+pub fn parse_udp_datagram(b: &[u8]) -> Result<UdpDatagram, String> {
+    let short = || format!("datagram too short: {b:02x?}");
+    if b.len() < 4 {
+        return Err(short());
+    }
+    if b[0] != 0 || b[1] != 0 {
+        return Err(format!("RSV is not zero: {:02x?}", &b[..2]));
+    }
+    let frag = b[2];
+    let (ip, rest): (IpAddr, &[u8]) = match b[3] {
+        ATYP_IPV4 => {
+            let a: [u8; 4] = b.get(4..8).ok_or_else(short)?.try_into().expect("4 bytes");
+            (IpAddr::V4(Ipv4Addr::from(a)), &b[8..])
+        }
+        ATYP_IPV6 => {
+            let a: [u8; 16] = b
+                .get(4..20)
+                .ok_or_else(short)?
+                .try_into()
+                .expect("16 bytes");
+            (IpAddr::V6(Ipv6Addr::from(a)), &b[20..])
+        }
+        other => return Err(format!("relay datagram with ATYP {other}: {b:02x?}")),
+    };
+    let port = u16::from_be_bytes(
+        rest.get(..2)
+            .ok_or_else(short)?
+            .try_into()
+            .expect("2 bytes"),
+    );
+    Ok(UdpDatagram {
+        frag,
+        source: Target::Ip(SocketAddr::new(ip, port)),
+        data: rest[2..].to_vec(),
+    })
+}

@@ -73,3 +73,40 @@ pub fn proc_io_field(pid: u32, field: &str) -> u64 {
         .parse()
         .unwrap_or_else(|e| panic!("{path}: {field}: {e}"))
 }
+
+/// Reads until EOF or a reset, for at most `limit`; returns how long that took and the bytes
+/// that arrived before the close (kept up to 64 KiB). Panics if the connection is still open
+/// after `limit`.
+pub async fn wait_closed(
+    s: &mut tokio::net::TcpStream,
+    limit: Duration,
+    what: &str,
+) -> (Duration, Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (t0.elapsed(), seen),
+            Ok(Ok(n)) => {
+                if seen.len() < 64 * 1024 {
+                    seen.extend_from_slice(&buf[..n]);
+                }
+            }
+            Err(_) => panic!(
+                "{what}: connection still open after {limit:?} ({} bytes received: {:02x?})",
+                seen.len(),
+                &seen[..seen.len().min(32)]
+            ),
+        }
+    }
+}
+
+/// Fails if `l` gets a connection within `wait`: the daemon must not have connected to this
+/// target.
+pub async fn assert_no_connection(l: &tokio::net::TcpListener, wait: Duration, what: &str) {
+    if let Ok(Ok((_, from))) = tokio::time::timeout(wait, l.accept()).await {
+        panic!("{what}: the target got a connection from {from}, expected none");
+    }
+}

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use proxy_integration::{
-    accept_one, exchange, listen, poll_until, require_privileged, send_and_recv, socks,
-    util::proc_io_field, within, Daemon, DaemonOpts, DataPath, Plan, SessionRow, Stats, Task,
+    accept_one, exchange, listen, poll_until, recv_exact, require_privileged, send_and_recv, socks,
+    util::proc_io_field, within, Daemon, DaemonOpts, DataPath, Pattern, Plan, SessionRow, Stats,
+    Task,
 };
 use tokio::net::TcpStream;
 
@@ -181,5 +182,72 @@ async fn daemon_does_not_read_the_payload() {
     assert_userspace_rows_zero(&s);
     eprintln!("daemon rchar delta {read}, wchar delta {written} for 2 x 64 MiB");
     close(session).await;
+    daemon.stop();
+}
+
+/// The kernel's redirect ignores how much the receiving side can take. A
+/// target that stops reading must close TCP's window on the client instead
+/// of letting the proxy queue the client's bytes without bound; once the
+/// target reads again every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_stops_the_sender() {
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    };
+    use tokio::io::AsyncWriteExt as _;
+
+    if !require_privileged("data path sockmap") {
+        return;
+    }
+    const LEN: u64 = 256 << 20;
+    // Socket buffers on both hops plus the brake's allowance; far below LEN.
+    const MAX_QUEUED: u64 = 64 << 20;
+    const SEED: u64 = 0x50c4_0003;
+    let daemon = Daemon::start(DaemonOpts::path(DataPath::Sockmap));
+    let Session {
+        mut client,
+        mut target,
+    } = open(&daemon).await;
+
+    let written = Arc::new(AtomicU64::new(0));
+    let progress = written.clone();
+    let writer = Task::spawn(async move {
+        let mut p = Pattern::new(SEED);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < LEN {
+            let n = (LEN - sent).min(buf.len() as u64) as usize;
+            p.fill(&mut buf[..n]);
+            client.write_all(&buf[..n]).await.expect("client write");
+            sent += n as u64;
+            progress.store(sent, Ordering::Relaxed);
+        }
+        client
+    });
+
+    // The target reads nothing for a while.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let queued = written.load(Ordering::Relaxed);
+    assert!(
+        queued < MAX_QUEUED,
+        "the client could write {queued} bytes while the target read nothing"
+    );
+    assert!(queued > 0, "nothing was written at all");
+    let s = daemon.stats();
+    assert!(s.counter("sockmap_brakes") >= 1, "no brake counted: {s}");
+
+    within(
+        LIMIT,
+        "the target reading everything",
+        recv_exact(&mut target, SEED, LEN),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("after the stall: {e}"));
+    let client = writer.join(LIMIT, "the client writer").await;
+    let (row, _) = session_with(&daemon, LEN, 0).await;
+    assert_eq!(row.path, "sockmap", "{row:?}");
+    eprintln!("queued while stalled: {queued} bytes");
+    close(Session { client, target }).await;
     daemon.stop();
 }

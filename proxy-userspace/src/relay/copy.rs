@@ -16,23 +16,30 @@ use tokio::{
 };
 
 use super::{idle_watch, End, Outcome};
-use crate::{metrics::Metrics, sys, Shared};
+use crate::{metrics::Metrics, registry::ByteCounters, sys, Shared};
 
 /// Buffer per direction; 64 KiB measured well ahead of 8 KiB on loopback.
 const BUF: usize = 64 * 1024;
 
 /// Copies both directions until both reach end of file, forwarding each half-close.
-pub async fn relay(shared: &Shared, mut client: TcpStream, mut upstream: TcpStream, idle: Duration) -> Outcome {
+///
+/// `bytes` receives the running totals (read by the session registry).
+pub async fn relay(
+    shared: &Shared,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    idle: Duration,
+    bytes: &ByteCounters,
+) -> Outcome {
     let _active = shared.metrics.relaying(DataPath::Copy);
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    let (up, down) = (&bytes.up, &bytes.down);
     let end = tokio::select! {
         res = async {
             tokio::try_join!(
-                one_way(&mut cr, &mut uw, &shared.metrics, Direction::Up, &up),
-                one_way(&mut ur, &mut cw, &shared.metrics, Direction::Down, &down),
+                one_way(&mut cr, &mut uw, &shared.metrics, Direction::Up, up),
+                one_way(&mut ur, &mut cw, &shared.metrics, Direction::Down, down),
             )
         } => match res {
             Ok(_) => End::Eof,
@@ -43,7 +50,12 @@ pub async fn relay(shared: &Shared, mut client: TcpStream, mut upstream: TcpStre
     if matches!(end, End::Error(_)) {
         abort(&client, &upstream);
     }
-    Outcome { path: DataPath::Copy, up: up.into_inner(), down: down.into_inner(), end }
+    Outcome {
+        path: DataPath::Copy,
+        up: up.load(Relaxed),
+        down: down.load(Relaxed),
+        end,
+    }
 }
 
 /// Resets both sockets so that each peer learns the session failed.

@@ -9,13 +9,18 @@ pub mod watch;
 
 use std::{
     io,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use proxy_common::metrics::{Counter, DataPath};
 use tokio::net::TcpStream;
 
-use crate::{config::DataPathMode, Config, Shared};
+use crate::{
+    config::DataPathMode,
+    registry::{ByteCounters, SessionHandle},
+    Config, Shared,
+};
 
 /// What a finished relay did.
 #[derive(Debug)]
@@ -57,6 +62,7 @@ pub struct Consumed {
 /// Relays until both directions are closed, on the configured path, falling back per session.
 pub async fn relay(
     shared: &Shared,
+    session: &SessionHandle<'_>,
     config: &Config,
     session_id: u64,
     client: TcpStream,
@@ -67,6 +73,9 @@ pub async fn relay(
     let idle = config.timeouts.idle;
     let (client, upstream) = match (want_sockmap, shared.sockmap()) {
         (true, Some(sm)) => {
+            // The sockets keep their descriptors when they leave the reactor, so the registry can
+            // read their TCP_INFO; the byte counts are the kernel's per-socket counters.
+            session.relaying(DataPath::Sockmap, &client, &upstream, None, 0);
             match sockmap::relay(shared, sm, session_id, client, upstream, consumed, idle).await {
                 Ok(outcome) => return outcome,
                 Err(fallback) => {
@@ -78,13 +87,29 @@ pub async fn relay(
         }
         _ => (client, upstream),
     };
-    let path = if config.data_path == DataPathMode::Copy { DataPath::Copy } else { DataPath::Splice };
+    let path = if config.data_path == DataPathMode::Copy {
+        DataPath::Copy
+    } else {
+        DataPath::Splice
+    };
     if consumed.forwarded > 0 {
-        shared.metrics.add_traffic(path, proxy_common::metrics::Direction::Up, consumed.forwarded);
+        shared.metrics.add_traffic(
+            path,
+            proxy_common::metrics::Direction::Up,
+            consumed.forwarded,
+        );
     }
+    let bytes = Arc::new(ByteCounters::default());
+    session.relaying(
+        path,
+        &client,
+        &upstream,
+        Some(bytes.clone()),
+        consumed.forwarded,
+    );
     let mut outcome = match path {
-        DataPath::Copy => copy::relay(shared, client, upstream, idle).await,
-        _ => splice::relay(shared, client, upstream, idle).await,
+        DataPath::Copy => copy::relay(shared, client, upstream, idle, &bytes).await,
+        _ => splice::relay(shared, client, upstream, idle, &bytes).await,
     };
     outcome.up += consumed.forwarded;
     outcome

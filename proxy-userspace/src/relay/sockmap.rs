@@ -11,10 +11,14 @@ use std::{
     io::{self, Read as _, Write as _},
     net::TcpStream as StdTcpStream,
     os::fd::{AsFd, BorrowedFd},
+    sync::Mutex,
     time::Duration,
 };
 
-use proxy_common::metrics::{DataPath, Direction};
+use proxy_common::{
+    metrics::{Counter, DataPath, Direction},
+    sockmap::BrakeControl,
+};
 use tokio::net::TcpStream;
 
 use super::{
@@ -22,7 +26,7 @@ use super::{
     Consumed, End, Outcome,
 };
 use crate::{
-    kernel::{Sockmap, SpliceError},
+    kernel::{Sockmap, SpliceError, BRAKE_STEP},
     sys, Shared,
 };
 
@@ -70,27 +74,54 @@ pub async fn relay(
             consumed.forwarded += n;
         }
         Err(source) => {
-            let error = SpliceError { context: "forwarding queued client bytes", source };
-            return Err(Fallback { client, upstream, error });
+            let error = SpliceError {
+                context: "forwarding queued client bytes",
+                source,
+            };
+            return Err(Fallback {
+                client,
+                upstream,
+                error,
+            });
         }
     }
     let baselines = sent_total(client.as_fd()).and_then(|c| Ok((c, sent_total(upstream.as_fd())?)));
     let (sent0_client, sent0_upstream) = match baselines {
         Ok(b) => b,
         Err(source) => {
-            let error = SpliceError { context: "reading TCP_INFO", source };
-            return Err(Fallback { client, upstream, error });
+            let error = SpliceError {
+                context: "reading TCP_INFO",
+                source,
+            };
+            return Err(Fallback {
+                client,
+                upstream,
+                error,
+            });
         }
     };
-    let pair = match sm.splice(session_id, client.as_fd(), upstream.as_fd(), consumed.forwarded) {
+    let pair = match sm.splice(
+        session_id,
+        client.as_fd(),
+        upstream.as_fd(),
+        consumed.forwarded,
+    ) {
         Ok(p) => p,
-        Err(error) => return Err(Fallback { client, upstream, error }),
+        Err(error) => {
+            return Err(Fallback {
+                client,
+                upstream,
+                error,
+            })
+        }
     };
     let _active = shared.metrics.relaying(DataPath::Sockmap);
     // Payload the daemon forwarded at the handover belongs to this path's figures too, so that
     // they count every payload byte exactly once.
     if consumed.forwarded > 0 {
-        shared.metrics.add_traffic(DataPath::Sockmap, Direction::Up, consumed.forwarded);
+        shared
+            .metrics
+            .add_traffic(DataPath::Sockmap, Direction::Up, consumed.forwarded);
     }
 
     // Leave tokio's reactor: it would be woken by every forwarded chunk.
@@ -101,7 +132,12 @@ pub async fn relay(
             drop((c, u));
             sm.finish(&pair);
             let e = io::Error::other("cannot leave the reactor");
-            return Ok(Outcome { path: DataPath::Sockmap, up: 0, down: 0, end: End::Error(e) });
+            return Ok(Outcome {
+                path: DataPath::Sockmap,
+                up: 0,
+                down: 0,
+                end: End::Error(e),
+            });
         }
     };
 
@@ -111,12 +147,40 @@ pub async fn relay(
         .and_then(|c| Ok((c, shared.watcher.watch(upstream.as_fd())?)));
     let res = match watches {
         Ok((cw, uw)) => {
-            let up = kernel_direction(&client, &cw, &upstream, consumed.from_client, sent0_upstream);
+            let up_dir = Dir {
+                sm,
+                src: &client,
+                src_cookie: pair.client_cookie,
+                src_watch: &cw,
+                dst: &upstream,
+                consumed_src: consumed.from_client,
+                seed: consumed.forwarded,
+                sent0_dst: sent0_upstream,
+                control: Mutex::new(BrakeControl {
+                    checkpoint: consumed.forwarded + BRAKE_STEP,
+                    ..Default::default()
+                }),
+            };
+            let down_dir = Dir {
+                sm,
+                src: &upstream,
+                src_cookie: pair.upstream_cookie,
+                src_watch: &uw,
+                dst: &client,
+                consumed_src: 0,
+                seed: 0,
+                sent0_dst: sent0_client,
+                control: Mutex::new(BrakeControl {
+                    checkpoint: BRAKE_STEP,
+                    ..Default::default()
+                }),
+            };
+            let up = up_dir.run(shared);
             let down = async {
                 if pair.upstream_active {
-                    kernel_direction(&upstream, &uw, &client, 0, sent0_client).await
+                    down_dir.run(shared).await
                 } else {
-                    copy_rest(shared, &upstream, &uw, &client).await
+                    copy_rest(shared, &upstream, &uw, &client, Direction::Down).await
                 }
             };
             // Idle time is judged on the kernel's per-socket counters.
@@ -140,7 +204,12 @@ pub async fn relay(
             End::Error(e)
         }
     };
-    Ok(Outcome { path: DataPath::Sockmap, up: up.bytes, down: down.bytes, end })
+    Ok(Outcome {
+        path: DataPath::Sockmap,
+        up: up.bytes,
+        down: down.bytes,
+        end,
+    })
 }
 
 /// Most the daemon reads from a client while emptying its receive queue before the splice; a
@@ -171,40 +240,203 @@ async fn take_queued(client: &TcpStream, upstream: &mut TcpStream) -> io::Result
     }
 }
 
-/// One kernel-carried direction: wait for the source's FIN, wait for the redirected bytes to
-/// reach the destination's send queue, forward the FIN.
-async fn kernel_direction(
-    src: &StdTcpStream,
-    src_watch: &Watch,
-    dst: &StdTcpStream,
+/// Backlog (bytes the kernel took from a source but its peer has not accepted yet) above which
+/// the source is braked, so that TCP's window closes on its sender.
+const BRAKE_HIGH: u64 = 8 << 20;
+/// Backlog at which a braked source is released.
+const BRAKE_LOW: u64 = 1 << 20;
+
+/// One kernel-carried direction and what its end-of-stream and brake logic need.
+struct Dir<'a> {
+    sm: &'a Sockmap,
+    src: &'a StdTcpStream,
+    src_cookie: u64,
+    src_watch: &'a Watch,
+    dst: &'a StdTcpStream,
+    /// Bytes the daemon read from `src` itself before the splice.
     consumed_src: u64,
+    /// Payload the daemon forwarded itself before the splice (seeds the kernel counter).
+    seed: u64,
+    /// `dst`'s sent total when the splice started.
     sent0_dst: u64,
-) -> io::Result<()> {
-    wait_read_closed(src, src_watch).await?;
-    drain(src, dst, consumed_src, sent0_dst).await?;
-    sys::shutdown_write(dst.as_fd())
+    /// The brake settings last given to the kernel.
+    control: Mutex<BrakeControl>,
 }
 
-async fn wait_read_closed(src: &StdTcpStream, watch: &Watch) -> io::Result<()> {
-    loop {
-        let st = watch::state(src.as_fd())?;
-        if st.error {
-            return Err(sys::take_error(src.as_fd())?.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
+impl Dir<'_> {
+    /// Waits for the source's FIN (braking when the peer falls behind), waits for the
+    /// redirected bytes to reach the destination's send queue, forwards the FIN.
+    async fn run(&self, shared: &Shared) -> io::Result<()> {
+        let brake = self.sm.brake_watch(self.src_cookie);
+        loop {
+            let st = watch::state(self.src.as_fd())?;
+            if st.error {
+                return Err(sys::take_error(self.src.as_fd())?
+                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
+            }
+            if st.read_closed {
+                // A reset also shuts the receive side down, but leaves an error pending (POLLERR,
+                // checked above). The TCP state cannot tell: a socket whose FIN_WAIT2 ends in
+                // TIME_WAIT reads as CLOSE too.
+                break;
+            }
+            tokio::select! {
+                () = self.src_watch.changed() => {}
+                () = async { match &brake { Some(b) => b.fired().await, None => std::future::pending().await } } => {
+                    self.brake(shared).await?;
+                }
+            }
         }
-        if st.read_closed {
-            // A reset also shuts the receive side down, but leaves an error pending (POLLERR,
-            // checked above). The TCP state cannot tell: a socket whose FIN_WAIT2 ends in
-            // TIME_WAIT reads as CLOSE too.
-            return Ok(());
-        }
-        watch.changed().await;
+        self.flush().await?;
+        drain(self.src, self.dst, self.consumed_src, self.sent0_dst).await?;
+        sys::shutdown_write(self.dst.as_fd())
     }
+
+    /// Bytes the kernel took from the source that the destination has not accepted yet, and
+    /// the source's byte count.
+    fn backlog(&self) -> io::Result<(u64, u64)> {
+        let total = self.sm.traffic(self.src_cookie).map_or(0, |t| t.bytes);
+        let passed = self.sm.brake_state(self.src_cookie).map_or(0, |s| s.passed);
+        // Bytes that went (or are going) to dst: redirected by the kernel plus moved by us.
+        let sent = (total.saturating_sub(self.seed + passed)) + self.control().read;
+        let dinfo = sys::tcp_info(self.dst.as_fd())?;
+        if dinfo.state == TCP_CLOSE {
+            return Err(io::ErrorKind::ConnectionReset.into());
+        }
+        let accepted =
+            (dinfo.bytes_acked + sys::outq(self.dst.as_fd())?).saturating_sub(self.sent0_dst);
+        Ok((sent.saturating_sub(accepted), total))
+    }
+
+    fn control(&self) -> BrakeControl {
+        *self.control.lock().expect("brake control lock")
+    }
+
+    fn set_control(&self, control: BrakeControl) -> io::Result<()> {
+        self.sm
+            .set_brake(self.src_cookie, control)
+            .map_err(|e| e.source)?;
+        *self.control.lock().expect("brake control lock") = control;
+        Ok(())
+    }
+
+    async fn wait_backlog_below(&self, limit: u64) -> io::Result<()> {
+        let mut delay = Duration::from_micros(100);
+        while self.backlog()?.0 > limit {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The source reached its checkpoint: brake it while the peer is too far behind.
+    async fn brake(&self, shared: &Shared) -> io::Result<()> {
+        let (backlog, _) = self.backlog()?;
+        if backlog >= BRAKE_HIGH {
+            self.set_control(BrakeControl {
+                checkpoint: u64::MAX,
+                braked: 1,
+                ..self.control()
+            })?;
+            shared.metrics.inc(Counter::SockmapBrakes);
+            self.wait_backlog_below(BRAKE_LOW).await?;
+        }
+        let (_, total) = self.backlog()?;
+        self.set_control(BrakeControl {
+            checkpoint: total + BRAKE_STEP,
+            braked: 0,
+            ..self.control()
+        })?;
+        self.flush().await
+    }
+
+    /// Moves the bytes the verdict passed to the source (while braked) to the destination, in
+    /// order; the kernel redirects again once they are all gone.
+    async fn flush(&self) -> io::Result<()> {
+        let mut buf = Vec::new();
+        let mut delay = Duration::from_micros(100);
+        let mut caught_up = false;
+        loop {
+            let read = self.control().read;
+            let passed = self
+                .sm
+                .brake_state(self.src_cookie)
+                .map_or(read, |s| s.passed);
+            if passed <= read {
+                return Ok(());
+            }
+            if !caught_up {
+                // Bytes the kernel redirected before the brake may still wait in the peer's
+                // backlog; ours must not overtake them. No new ones are redirected meanwhile.
+                self.wait_backlog_below(0).await?;
+                caught_up = true;
+            }
+            let want = usize::try_from(passed - read)
+                .unwrap_or(usize::MAX)
+                .min(FLUSH_CHUNK);
+            buf.resize(want, 0);
+            let n = match (&*self.src).read(&mut buf) {
+                Ok(n) if n > 0 => n,
+                // A passed skb queues behind the bytes the peer direction redirects into this
+                // socket (one kernel backlog per socket) and reaches the receive queue only after
+                // them; until then a read finds nothing (0 after a FIN).
+                Ok(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            delay = Duration::from_micros(100);
+            write_all(self.dst, &buf[..n]).await?;
+            self.set_control(BrakeControl {
+                read: read + n as u64,
+                ..self.control()
+            })?;
+        }
+    }
+}
+
+/// Largest read while moving passed bytes.
+const FLUSH_CHUNK: usize = 256 * 1024;
+
+/// Writes all of `buf` to a non-blocking socket outside the reactor, backing off while full.
+async fn write_all(dst: &StdTcpStream, buf: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    let mut delay = Duration::from_micros(100);
+    while off < buf.len() {
+        match (&*dst).write(&buf[off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => {
+                off += m;
+                delay = Duration::from_micros(100);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Waits until every byte `src` received (minus what the daemon read itself, minus the FIN) has
 /// entered `dst`'s send queue. Polls with backoff: this runs once per direction per session,
 /// only after the FIN.
-async fn drain(src: &StdTcpStream, dst: &StdTcpStream, consumed_src: u64, sent0_dst: u64) -> io::Result<()> {
+async fn drain(
+    src: &StdTcpStream,
+    dst: &StdTcpStream,
+    consumed_src: u64,
+    sent0_dst: u64,
+) -> io::Result<()> {
     let mut delay = Duration::from_micros(200);
     loop {
         let received = sys::tcp_info(src.as_fd())?.bytes_received;
@@ -219,14 +451,21 @@ async fn drain(src: &StdTcpStream, dst: &StdTcpStream, consumed_src: u64, sent0_
             return Ok(());
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        // Capped low: the FIN waits on this, and a slow reader keeps the loop short anyway.
+        delay = (delay * 2).min(Duration::from_millis(20));
     }
 }
 
 /// The rare half-spliced case: the upstream received its FIN before it could be activated, so
 /// its remaining bytes are still in its receive queue. Copy them to the client, then forward
 /// the FIN.
-async fn copy_rest(shared: &Shared, src: &StdTcpStream, watch: &Watch, dst: &StdTcpStream) -> io::Result<()> {
+async fn copy_rest(
+    shared: &Shared,
+    src: &StdTcpStream,
+    watch: &Watch,
+    dst: &StdTcpStream,
+    dir: Direction,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match (&*src).read(&mut buf) {
@@ -241,14 +480,7 @@ async fn copy_rest(shared: &Shared, src: &StdTcpStream, watch: &Watch, dst: &Std
             }
             Err(e) => return Err(e),
         };
-        let mut off = 0;
-        while off < n {
-            match (&*dst).write(&buf[off..n]) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(Duration::from_millis(1)).await,
-                Err(e) => return Err(e),
-            }
-        }
-        shared.metrics.add_traffic(DataPath::Copy, Direction::Down, n as u64);
+        write_all(dst, &buf[..n]).await?;
+        shared.metrics.add_traffic(DataPath::Copy, dir, n as u64);
     }
 }

@@ -15,7 +15,7 @@ use proxy_common::metrics::{DataPath, Direction};
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{copy::abort, idle_watch, End, Outcome};
-use crate::{metrics::Metrics, sys, Shared};
+use crate::{metrics::Metrics, registry::ByteCounters, sys, Shared};
 
 /// Pipe size requested per direction. Larger pipes mean fewer syscalls per byte.
 const PIPE_SIZE: usize = 1 << 20;
@@ -58,15 +58,22 @@ impl PipePool {
 }
 
 /// Relays both directions with splice(2) until both reach end of file.
-pub async fn relay(shared: &Shared, client: TcpStream, upstream: TcpStream, idle: Duration) -> Outcome {
+///
+/// `bytes` receives the running totals (read by the session registry).
+pub async fn relay(
+    shared: &Shared,
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    bytes: &ByteCounters,
+) -> Outcome {
     let _active = shared.metrics.relaying(DataPath::Splice);
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    let (up, down) = (&bytes.up, &bytes.down);
     let end = tokio::select! {
         res = async {
             tokio::try_join!(
-                one_way(&client, &upstream, &shared.pipes, &shared.metrics, Direction::Up, &up),
-                one_way(&upstream, &client, &shared.pipes, &shared.metrics, Direction::Down, &down),
+                one_way(&client, &upstream, &shared.pipes, &shared.metrics, Direction::Up, up),
+                one_way(&upstream, &client, &shared.pipes, &shared.metrics, Direction::Down, down),
             )
         } => match res {
             Ok(_) => End::Eof,
@@ -77,7 +84,12 @@ pub async fn relay(shared: &Shared, client: TcpStream, upstream: TcpStream, idle
     if matches!(end, End::Error(_)) {
         abort(&client, &upstream);
     }
-    Outcome { path: DataPath::Splice, up: up.into_inner(), down: down.into_inner(), end }
+    Outcome {
+        path: DataPath::Splice,
+        up: up.load(Relaxed),
+        down: down.load(Relaxed),
+        end,
+    }
 }
 
 async fn one_way(
@@ -91,7 +103,9 @@ async fn one_way(
     let pipe = pool.get()?;
     loop {
         from.readable().await?;
-        let n = match from.try_io(Interest::READABLE, || sys::splice(from.as_fd(), pipe.w.as_fd(), pipe.cap)) {
+        let n = match from.try_io(Interest::READABLE, || {
+            sys::splice(from.as_fd(), pipe.w.as_fd(), pipe.cap)
+        }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -104,7 +118,9 @@ async fn one_way(
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || sys::splice(pipe.r.as_fd(), to.as_fd(), left)) {
+            match to.try_io(Interest::WRITABLE, || {
+                sys::splice(pipe.r.as_fd(), to.as_fd(), left)
+            }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),

@@ -48,7 +48,11 @@ pub struct SockState {
 
 /// Polls the socket's current state without blocking and without reading.
 pub fn state(fd: BorrowedFd<'_>) -> io::Result<SockState> {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let r = unsafe { libc::poll(&raw mut p, 1, 0) };
     if r < 0 {
@@ -74,7 +78,11 @@ impl Watcher {
             AsyncFd::register_with_interest(OwnedFd::from_raw_fd(fd), tokio::io::Interest::READABLE)
         }
         .map_err(|e| e.into_parts().1)?;
-        let w = Arc::new(Self { epoll, waiters: Mutex::new(HashMap::new()), next: AtomicU64::new(1) });
+        let w = Arc::new(Self {
+            epoll,
+            waiters: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        });
         let weak = Arc::downgrade(&w);
         tokio::spawn(async move {
             loop {
@@ -94,7 +102,14 @@ impl Watcher {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
         loop {
             // SAFETY: `events` has room for BATCH entries; zero timeout.
-            let n = unsafe { libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0) };
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.get_ref().as_raw_fd(),
+                    events.as_mut_ptr(),
+                    BATCH as i32,
+                    0,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -122,16 +137,34 @@ impl Watcher {
     pub fn watch(self: &Arc<Self>, fd: BorrowedFd<'_>) -> io::Result<Watch> {
         let token = self.next.fetch_add(1, Relaxed);
         let notify = Arc::new(Notify::new());
-        self.waiters.lock().expect("watcher lock").insert(token, notify.clone());
-        let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token };
+        self.waiters
+            .lock()
+            .expect("watcher lock")
+            .insert(token, notify.clone());
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token,
+        };
         // SAFETY: valid epoll and socket descriptors, `ev` readable.
-        let r = unsafe { libc::epoll_ctl(self.epoll.get_ref().as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &raw mut ev) };
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.epoll.get_ref().as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &raw mut ev,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             self.waiters.lock().expect("watcher lock").remove(&token);
             return Err(e);
         }
-        Ok(Watch { watcher: self.clone(), token, fd: fd.as_raw_fd(), notify })
+        Ok(Watch {
+            watcher: self.clone(),
+            token,
+            fd: fd.as_raw_fd(),
+            notify,
+        })
     }
 }
 
@@ -155,6 +188,10 @@ impl Drop for Watch {
                 std::ptr::null_mut(),
             );
         }
-        self.watcher.waiters.lock().expect("watcher lock").remove(&self.token);
+        self.watcher
+            .waiters
+            .lock()
+            .expect("watcher lock")
+            .remove(&self.token);
     }
 }
