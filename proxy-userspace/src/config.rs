@@ -42,6 +42,14 @@ pin_dir = "/sys/fs/bpf/ebsocks"
 # component of pin_dir and ".sock", here /run/ebsocks/ebsocks.sock.
 # control_socket = "/run/ebsocks/ebsocks.sock"
 
+# Once the programs are loaded, the maps pinned and the sockets bound, the daemon (started as
+# root) switches to this user and group and keeps no capability; the pin directory and the
+# control socket are handed to that user so that it can remove them at exit, and the
+# configuration file must be readable by it for SIGHUP. Unset: the daemon keeps running as it
+# was started.
+# user = "nobody"
+# group = "nogroup"    # default: the user's primary group
+
 # Client addresses allowed to connect (CIDR), closed at accept time otherwise. A shorthand for
 # one `pass` client rule per network; use [[client_rule]] tables instead for more control.
 allow_clients = ["127.0.0.0/8", "::1/128"]
@@ -230,6 +238,15 @@ pub struct MetricsConfig {
     pub allow_remote: bool,
 }
 
+/// Who the daemon becomes once its privileged start-up is done (`user`, `group`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// A user name, or a numeric uid.
+    pub user: String,
+    /// A group name or numeric gid; None: the user's primary group.
+    pub group: Option<String>,
+}
+
 /// Logging settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogConfig {
@@ -250,6 +267,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// The control socket setting; [`Config::control_socket_path`] resolves it.
     pub control_socket: ControlSocket,
+    /// The user (and group) to switch to after start-up (`user`, `group`); None: stay.
+    pub run_as: Option<RunAs>,
     /// Client networks allowed to connect (shorthand kept for `to_toml`).
     pub allow_clients: Vec<IpNet>,
     /// Authentication.
@@ -308,6 +327,8 @@ struct RawConfig {
     data_path: Option<String>,
     pin_dir: Option<String>,
     control_socket: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
     allow_clients: Option<Vec<String>>,
     auth: Option<RawAuth>,
     outgoing: Option<RawOutgoing>,
@@ -474,6 +495,7 @@ impl Config {
             data_path,
             pin_dir,
             control_socket: _,
+            run_as,
             allow_clients,
             auth,
             outgoing,
@@ -493,6 +515,8 @@ impl Config {
                 self.control_socket_path()
                     .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
             ),
+            user: run_as.as_ref().map(|r| r.user.clone()),
+            group: run_as.as_ref().and_then(|r| r.group.clone()),
             allow_clients: (client_rule.is_empty())
                 .then(|| allow_clients.iter().map(ToString::to_string).collect()),
             auth: Some(RawAuth {
@@ -558,6 +582,8 @@ impl TryFrom<RawConfig> for Config {
             data_path,
             pin_dir,
             control_socket,
+            user,
+            group,
             allow_clients,
             auth,
             outgoing,
@@ -568,6 +594,25 @@ impl TryFrom<RawConfig> for Config {
             client_rule,
             socks_rule,
         } = raw;
+
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        };
+        for (key, value) in [("user", &user), ("group", &group)] {
+            if let Some(v) = value {
+                if !name_ok(v) {
+                    return Err(invalid(key, format!("{v:?} is not a user or group name")));
+                }
+            }
+        }
+        let run_as = match (user, group) {
+            (Some(user), group) => Some(RunAs { user, group }),
+            (None, Some(_)) => return Err(invalid("group", "needs `user` as well")),
+            (None, None) => None,
+        };
 
         let listen = match listen {
             None => vec![
@@ -814,6 +859,7 @@ impl TryFrom<RawConfig> for Config {
             data_path,
             pin_dir,
             control_socket,
+            run_as,
             allow_clients,
             auth,
             outgoing,
@@ -885,6 +931,9 @@ mod tests {
             ("[metrics]\nlisten = \"9108\"", "metrics.listen"),
             ("[metrics]\nlisten = \"0.0.0.0:9108\"", "metrics.listen"),
             ("listen = []", "listen"),
+            ("user = \"\"", "user"),
+            ("user = \"a b\"", "user"),
+            ("group = \"nogroup\"", "group"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
@@ -960,6 +1009,47 @@ mod tests {
         assert_eq!(again.to_toml(), c.to_toml());
         let c = Config::parse("[metrics]\nlisten = \"0.0.0.0:9108\"\nallow_remote = true").unwrap();
         assert_eq!(c.metrics.listen, Some("0.0.0.0:9108".parse().unwrap()));
+    }
+
+    #[test]
+    fn run_as() {
+        assert_eq!(Config::embedded_default().run_as, None);
+        let c = Config::parse("user = \"nobody\"").unwrap();
+        assert_eq!(
+            c.run_as,
+            Some(RunAs {
+                user: "nobody".into(),
+                group: None
+            })
+        );
+        let c = Config::parse("user = \"ebsocks\"\ngroup = \"65534\"").unwrap();
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.run_as, c.run_as);
+    }
+
+    /// The embedded default must never be an open proxy: it listens on loopback only, admits
+    /// loopback clients only, and every client rule it has is about loopback networks.
+    #[test]
+    fn embedded_default_is_not_an_open_proxy() {
+        let c = Config::embedded_default();
+        assert!(!c.listen.is_empty());
+        for a in &c.listen {
+            assert!(a.ip().is_loopback(), "default listens on {a}");
+        }
+        for n in &c.allow_clients {
+            assert!(n.addr().is_loopback(), "default admits {n}");
+            assert!(n.network().is_loopback(), "default admits {n}");
+        }
+        for outside in ["192.0.2.1", "10.0.0.1", "2001:db8::1", "::ffff:192.0.2.1"] {
+            let ip: std::net::IpAddr = outside.parse().unwrap();
+            let (verdict, _) = c.rules.check_client(ip.to_canonical());
+            assert_eq!(
+                verdict.action,
+                crate::acl::Action::Block,
+                "default admits {outside}"
+            );
+        }
+        assert_eq!(c.metrics.listen, None);
     }
 
     #[test]

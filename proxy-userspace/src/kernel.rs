@@ -297,6 +297,11 @@ impl Kernel {
         })
     }
 
+    /// Whether the maps are pinned (the pin directory is the daemon's, removed on drop).
+    pub fn is_pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+
     /// The sockhash splice.
     pub fn sockmap(&self) -> &Sockmap {
         &self.sockmap

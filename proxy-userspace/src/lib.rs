@@ -15,6 +15,7 @@ pub mod control;
 pub mod exporter;
 pub mod kernel;
 pub mod metrics;
+pub mod privileges;
 pub mod registry;
 pub mod relay;
 pub mod session;
@@ -113,8 +114,9 @@ impl Shared {
             || new.data_path != cur.data_path
             || new.control_socket_path() != cur.control_socket_path()
             || new.metrics != cur.metrics
+            || new.run_as != cur.run_as
         {
-            tracing::warn!("listen, pin_dir, data_path, control_socket and [metrics] changes take effect at the next start");
+            tracing::warn!("listen, pin_dir, data_path, control_socket, user, group and [metrics] changes take effect at the next start");
         }
         let mut new = new;
         new.listen.clone_from(&cur.listen);
@@ -122,6 +124,7 @@ impl Shared {
         new.data_path = cur.data_path;
         new.control_socket.clone_from(&cur.control_socket);
         new.metrics = cur.metrics.clone();
+        new.run_as.clone_from(&cur.run_as);
         *cur = Arc::new(new);
     }
 
@@ -223,6 +226,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// `user`/`group` are set and the daemon could not become them.
+    #[error("cannot drop privileges: {0}")]
+    Privileges(#[from] privileges::PrivilegeError),
     /// Another start-up step failed.
     #[error("{context}: {source}")]
     Io {
@@ -358,6 +364,20 @@ pub async fn run(
         },
         None => None,
     };
+    // Everything privileged is done: become `user` before anyone can reach the daemon.
+    if let Some(run_as) = &config.run_as {
+        let id = privileges::resolve(run_as)?;
+        let handover = privileges::Handover {
+            pin_dir: shared
+                .kernel
+                .as_ref()
+                .filter(|k| k.is_pinned())
+                .map(|_| config.pin_dir.clone()),
+            control_socket: _control.as_ref().map(|c| c.path().to_owned()),
+        };
+        privileges::drop_to(id, &handover)?;
+        tracing::info!(user = %run_as.user, uid = id.uid, gid = id.gid, "privileges dropped");
+    }
     drop(config);
     // Install the SIGHUP handler before anyone can learn the daemon is up (the address file):
     // SIGHUP's default action would kill it.

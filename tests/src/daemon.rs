@@ -79,6 +79,15 @@ pub struct DaemonOpts {
     /// Whether to write `allow_clients = ["127.0.0.0/8", "::1/128"]`. The daemon refuses it
     /// next to `[[client_rule]]` tables, so tests with client rules turn it off.
     pub allow_clients: bool,
+    /// Pin directory to use instead of a fresh one. The daemon object does not remove it on
+    /// drop: the test owns it (e.g. to start a second daemon on the same directory).
+    pub pin_dir: Option<PathBuf>,
+    /// Program and arguments the daemon is started through, e.g. `["prlimit", "--nofile=64:64"]`
+    /// (the program must exec the daemon, so the pid stays the daemon's).
+    pub wrapper: Vec<String>,
+    /// Hand the test's temporary directory (config file, address file) to this uid and gid,
+    /// for a daemon that switches users and must still read its config on SIGHUP.
+    pub dir_owner: Option<(u32, u32)>,
 }
 
 impl Default for DaemonOpts {
@@ -88,6 +97,9 @@ impl Default for DaemonOpts {
             listen: vec!["127.0.0.1:0".into()],
             extra_toml: String::new(),
             allow_clients: true,
+            pin_dir: None,
+            wrapper: Vec::new(),
+            dir_owner: None,
         }
     }
 }
@@ -108,6 +120,8 @@ pub struct Daemon {
     child: Option<Child>,
     addrs: Vec<SocketAddr>,
     pin_dir: PathBuf,
+    /// Whether [`Drop`] removes `pin_dir` (false when the test chose it).
+    owns_pin_dir: bool,
     /// The top-level keys of the config file (listen, data_path, pin_dir, allow_clients),
     /// kept so that [`Daemon::rewrite_config`] changes only the rest.
     header: String,
@@ -127,11 +141,14 @@ impl Daemon {
     pub fn start(opts: DaemonOpts) -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/ebsocks-test-{}-{n}",
-            std::process::id()
-        ));
-        if pin_dir.exists() {
+        let owns_pin_dir = opts.pin_dir.is_none();
+        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "/sys/fs/bpf/ebsocks-test-{}-{n}",
+                std::process::id()
+            ))
+        });
+        if owns_pin_dir && pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&pin_dir);
         }
         let dir = tempfile::Builder::new()
@@ -152,10 +169,21 @@ impl Daemon {
         }
         let text = format!("{header}{}\n", opts.extra_toml);
         std::fs::write(&config, &text).expect("write config");
+        if let Some((uid, gid)) = opts.dir_owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown temp dir");
+            std::os::unix::fs::chown(&config, Some(uid), Some(gid)).expect("chown config");
+        }
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log");
         let bin = daemon_binary();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -181,6 +209,7 @@ impl Daemon {
             child: Some(child),
             addrs: Vec::new(),
             pin_dir,
+            owns_pin_dir,
             header,
             config,
             dir,
@@ -306,10 +335,25 @@ impl Daemon {
 
     /// Sends SIGHUP (reload the config file).
     pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.pid()).expect("pid");
         // SAFETY: `pid` is our own child, not yet reaped (the Child is still held).
-        let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
-        assert_eq!(rc, 0, "kill(SIGHUP): {}", std::io::Error::last_os_error());
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits at most `limit` for the daemon to exit (after a signal the test sent) and returns
+    /// its status; None while it still runs. Once it returned a status the daemon is gone and
+    /// [`Daemon::stop`] must not be called.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("daemon stopped");
+        let status = wait_bounded_no_kill(child, limit)?;
+        self.child = None;
+        Some(status)
     }
 
     /// The exit status if the daemon has exited, `None` while it runs.
@@ -402,7 +446,7 @@ impl Drop for Daemon {
                 eprintln!("ebsocks exited with {status} when the test dropped it");
             }
         }
-        if self.pin_dir.exists() {
+        if self.owns_pin_dir && self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
     }

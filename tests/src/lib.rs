@@ -32,6 +32,7 @@ pub mod checks;
 pub mod daemon;
 pub mod gate;
 pub mod pattern;
+pub mod procfs;
 pub mod socks;
 pub mod socks4;
 pub mod stats;
