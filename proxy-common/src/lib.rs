@@ -428,11 +428,13 @@ pub mod metrics {
         DnsLatencyCount = 89,
         /// Name resolutions of a request's target: total time in microseconds.
         DnsLatencySumUs = 90,
+        /// Bytes a brake held on a spliced socket that the daemon then moved to the peer itself.
+        SockmapBrakeBytes = 91,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 91] = [
+        pub const ALL: [Self; 92] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -524,6 +526,7 @@ pub mod metrics {
             Self::DnsLatencyLe10S,
             Self::DnsLatencyCount,
             Self::DnsLatencySumUs,
+            Self::SockmapBrakeBytes,
         ];
 
         /// Name used in stats output.
@@ -551,6 +554,7 @@ pub mod metrics {
                 Self::UdpDroppedBlocked => "udp_dropped_blocked",
                 Self::BindsTotal => "binds_total",
                 Self::SockmapBrakes => "sockmap_brakes",
+                Self::SockmapBrakeBytes => "sockmap_brake_bytes",
                 Self::SessionsCreatedConnect => "sessions_created_connect",
                 Self::SessionsCreatedBind => "sessions_created_bind",
                 Self::SessionsCreatedUdp => "sessions_created_udp_associate",

@@ -450,6 +450,12 @@ impl Collector for SnapshotCollector {
             "Times a spliced socket's verdict was stopped because its peer fell behind.",
             s.counter(Counter::SockmapBrakes),
         )?;
+        counter(
+            &mut enc,
+            "sockmap_brake_bytes",
+            "Bytes a brake held on a spliced socket that the daemon then moved to the peer itself.",
+            s.counter(Counter::SockmapBrakeBytes),
+        )?;
 
         for (name, help) in [
             ("connect_latency", "Time to connect to a target (every resolved address tried until one accepts), successful connects."),

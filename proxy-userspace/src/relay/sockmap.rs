@@ -287,7 +287,7 @@ impl Dir<'_> {
                 }
             }
         }
-        self.flush().await?;
+        self.flush(shared).await?;
         drain(self.src, self.dst, self.consumed_src, self.sent0_dst).await?;
         sys::shutdown_write(self.dst.as_fd())
     }
@@ -331,28 +331,46 @@ impl Dir<'_> {
 
     /// The source reached its checkpoint: brake it while the peer is too far behind.
     async fn brake(&self, shared: &Shared) -> io::Result<()> {
-        let (backlog, _) = self.backlog()?;
-        if backlog >= BRAKE_HIGH {
-            self.set_control(BrakeControl {
-                checkpoint: u64::MAX,
-                braked: 1,
+        let (backlog, total) = self.backlog()?;
+        if backlog < BRAKE_HIGH {
+            return self.set_control(BrakeControl {
+                checkpoint: total + BRAKE_STEP,
                 ..self.control()
-            })?;
-            shared.metrics.inc(Counter::SockmapBrakes);
-            self.wait_backlog_below(BRAKE_LOW).await?;
+            });
         }
-        let (_, total) = self.backlog()?;
         self.set_control(BrakeControl {
-            checkpoint: total + BRAKE_STEP,
-            braked: 0,
+            checkpoint: u64::MAX,
+            braked: 1,
             ..self.control()
         })?;
-        self.flush().await
+        shared.metrics.inc(Counter::SockmapBrakes);
+        // Held bytes are moved by the daemon itself, and until they are all gone new ones are
+        // held behind them. A narrow window keeps both small: once the window already
+        // advertised is used up, the sender gets a few segments at a time.
+        let clamp = sys::window_clamp(self.src.as_fd()).ok();
+        if clamp.is_some() {
+            let _ = sys::set_window_clamp(self.src.as_fd(), BRAKE_WINDOW);
+        }
+        let res = async {
+            self.wait_backlog_below(BRAKE_LOW).await?;
+            let (_, total) = self.backlog()?;
+            self.set_control(BrakeControl {
+                checkpoint: total + BRAKE_STEP,
+                braked: 0,
+                ..self.control()
+            })?;
+            self.flush(shared).await
+        }
+        .await;
+        if let Some(c) = clamp {
+            let _ = sys::set_window_clamp(self.src.as_fd(), c);
+        }
+        res
     }
 
     /// Moves the bytes the verdict passed to the source (while braked) to the destination, in
     /// order; the kernel redirects again once they are all gone.
-    async fn flush(&self) -> io::Result<()> {
+    async fn flush(&self, shared: &Shared) -> io::Result<()> {
         let mut buf = Vec::new();
         let mut delay = Duration::from_micros(100);
         let mut caught_up = false;
@@ -395,6 +413,7 @@ impl Dir<'_> {
             };
             delay = Duration::from_micros(100);
             write_all(self.dst, &buf[..n]).await?;
+            shared.metrics.add(Counter::SockmapBrakeBytes, n as u64);
             self.set_control(BrakeControl {
                 read: read + n as u64,
                 ..self.control()
@@ -402,6 +421,9 @@ impl Dir<'_> {
         }
     }
 }
+
+/// Receive window of a braked source until its held bytes are gone.
+const BRAKE_WINDOW: libc::c_int = 4096;
 
 /// Largest read while moving passed bytes.
 const FLUSH_CHUNK: usize = 256 * 1024;
