@@ -203,7 +203,7 @@ async fn hostile(addr: std::net::SocketAddr, i: u64) {
             let mut b = vec![5, 1, 0];
             b.extend(rng.bytes(len));
             let _ = s.write_all(&b).await;
-            if rng.next() % 2 == 0 {
+            if rng.next() & 1 == 0 {
                 rst(&s);
             }
         }
