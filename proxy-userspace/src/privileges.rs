@@ -263,7 +263,12 @@ fn restrict_this_thread() -> bool {
     let mask = DROP_MASK.load(Ordering::SeqCst);
     let mut ok = true;
     for cap in 0..64u64 {
-        if mask & (1 << cap) != 0 {
+        // Only what is still in the set: dropping needs CAP_SETPCAP, which a service manager's
+        // bounding set may already have removed along with everything else.
+        // SAFETY: prctl with integer arguments.
+        if mask & (1 << cap) != 0
+            && unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } == 1
+        {
             // SAFETY: prctl with integer arguments.
             ok &= unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } == 0;
         }
@@ -335,9 +340,9 @@ fn restrict_all_threads() -> Result<(), PrivilegeError> {
         }
     }
     if !restrict_this_thread() {
-        return Err(io_err("restricting the main thread")(
-            io::Error::last_os_error(),
-        ));
+        return Err(io_err(
+            "emptying the capability bounding set (needs CAP_SETPCAP)",
+        )(io::Error::last_os_error()));
     }
     let me = gettid();
     // SAFETY: getpid cannot fail.

@@ -10,6 +10,8 @@ macro_rules! progress {
 
 mod apt;
 mod cmd;
+mod fuzz;
+mod install;
 mod setup;
 
 use std::{
@@ -72,6 +74,31 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Install the release binary, a commented configuration (never overwritten) and a hardened
+    /// systemd unit.
+    Install {
+        /// Installation prefix: PREFIX/bin/ebsocks, PREFIX/lib/systemd/system/ebsocks.service.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Configuration directory: SYSCONFDIR/ebsocks/ebsocks.toml.
+        #[arg(long, default_value = "/etc")]
+        sysconfdir: PathBuf,
+        /// Staging directory prepended to every path (for packaging; default: $DESTDIR).
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+        /// Print what would be written; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Install this binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        bin: Option<PathBuf>,
+    },
+    /// Build the fuzz targets and run each for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
     /// Build the daemon and the benchmark in release and run the benchmark.
     Bench {
         /// Arguments for ebsocks-bench.
@@ -108,6 +135,34 @@ fn run(command: Command) -> Result<()> {
         Command::Run { args } => run_daemon(&ws, &args),
         Command::Test { args } => test(&ws, &args),
         Command::Bench { args } => bench(&ws, &args),
+        Command::Install {
+            prefix,
+            sysconfdir,
+            destdir,
+            dry_run,
+            bin,
+        } => {
+            let bin = match bin {
+                Some(b) => b,
+                None => {
+                    setup::setup(&ws.root, false)?;
+                    ws.build_daemon(Profile::Release)?
+                }
+            };
+            let opts = install::Options {
+                prefix,
+                sysconfdir,
+                destdir: destdir
+                    .or_else(|| std::env::var_os("DESTDIR").map(PathBuf::from))
+                    .filter(|d| !d.as_os_str().is_empty()),
+                dry_run,
+            };
+            install::install(&bin, &opts).map(drop)
+        }
+        Command::Fuzz { secs } => {
+            setup::setup(&ws.root, false)?;
+            fuzz::run(&ws.root, secs)
+        }
     }
 }
 
@@ -204,9 +259,15 @@ fn test(ws: &Workspace, args: &[OsString]) -> Result<()> {
     }
     setup::setup(&ws.root, false)?;
 
+    // Release: the privileged tests push hundreds of MiB through the daemon, and this is the
+    // binary `cargo xtask build`, `run` and `bench` use. Built first: the install test runs
+    // `ebsocks check-config` on the configuration it installs.
+    progress!("test 1/4: the daemon");
+    let bin = ws.build_daemon(Profile::Release)?;
+
     // --no-fail-fast: one run reports every failing test binary; the step still fails.
-    progress!("test 1/3: unit and unprivileged tests");
-    let mut unit = ws.cargo().args([
+    progress!("test 2/4: unit and unprivileged tests");
+    let mut unit = ws.cargo().env("EBSOCKS_BIN", &bin).args([
         "test",
         "--locked",
         "--no-fail-fast",
@@ -221,12 +282,10 @@ fn test(ws: &Workspace, args: &[OsString]) -> Result<()> {
     }
     unit.run()?;
 
-    // Release: the privileged tests push hundreds of MiB through the daemon, and this is the
-    // binary `cargo xtask build`, `run` and `bench` use.
-    progress!("test 2/3: the daemon for the privileged tests");
-    let bin = ws.build_daemon(Profile::Release)?;
+    progress!("test 3/4: fuzz targets, {} s each", fuzz::CI_SECS);
+    fuzz::run(&ws.root, fuzz::CI_SECS)?;
 
-    progress!("test 3/3: privileged integration tests (root, eBPF, network namespaces)");
+    progress!("test 4/4: privileged integration tests (root, eBPF, network namespaces)");
     if !root {
         progress!("not root: privileged integration tests SKIPPED; run `cargo xtask test` as root to run them");
         return Ok(());

@@ -38,6 +38,7 @@ pub fn setup(root: &Path, apt: bool) -> Result<()> {
         apt::install_missing()?;
     }
     ensure_bpf_linker(root, &nightly)?;
+    ensure_cargo_fuzz(root)?;
     if cmd::is_root() {
         ensure_bpffs()?;
     } else if bpffs_mounted()? {
@@ -230,6 +231,41 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<()> {
         installed.display()
     );
     put_first_on_path(&installed)
+}
+
+/// The cargo-fuzz release `cargo xtask test` runs the fuzz targets with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Installs cargo-fuzz (into cargo's install directory) unless `cargo fuzz` already works.
+fn ensure_cargo_fuzz(root: &Path) -> Result<()> {
+    let installed = cargo_install_root()?.join("bin").join("cargo-fuzz");
+    let found = cmd::find_on_path("cargo-fuzz")
+        .or_else(|| cmd::is_executable(&installed).then(|| installed.clone()));
+    if let Some(bin) = found {
+        let out = Cmd::new(&bin).args(["fuzz", "--version"]).probe()?;
+        if out.status.success() {
+            progress!(
+                "cargo-fuzz: {} at {}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                bin.display()
+            );
+            return Ok(());
+        }
+        progress!("cargo-fuzz: {} does not run; reinstalling", bin.display());
+    }
+    progress!(
+        "cargo-fuzz: installing {CARGO_FUZZ_VERSION} (runs the fuzz targets in `cargo xtask test`)"
+    );
+    let mut install = Cmd::new("cargo")
+        .current_dir(root)
+        .arg("install")
+        .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
+        .args(["--locked", "--root"])
+        .arg(cargo_install_root()?);
+    if env::var_os("CARGO_ENCODED_RUSTFLAGS").is_some() {
+        install = install.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    }
+    install.run()
 }
 
 /// Where `cargo install` puts binaries (under `bin/`): CARGO_INSTALL_ROOT, else CARGO_HOME,
