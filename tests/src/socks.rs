@@ -29,6 +29,7 @@ pub const ATYP_DOMAIN: u8 = 3;
 pub const ATYP_IPV6: u8 = 4;
 pub const REP_SUCCEEDED: u8 = 0x00;
 pub const REP_GENERAL_FAILURE: u8 = 0x01;
+pub const REP_NETWORK_UNREACHABLE: u8 = 0x03;
 pub const REP_HOST_UNREACHABLE: u8 = 0x04;
 pub const REP_CONNECTION_REFUSED: u8 = 0x05;
 pub const REP_COMMAND_NOT_SUPPORTED: u8 = 0x07;

@@ -338,3 +338,72 @@ async fn one_byte_at_a_time_is_cut_at_the_negotiation_timeout() {
     wait_sessions_drained(&daemon).await;
     daemon.stop();
 }
+
+/// Host routes the test adds for itself and removes on drop. They only make the kernel refuse
+/// a connect at once (`unreachable`: EHOSTUNREACH, `throw` with no other table:
+/// ENETUNREACH); nothing is sent anywhere.
+struct Routes(Vec<String>);
+
+impl Routes {
+    fn add(routes: &[(&str, String)]) -> Option<Self> {
+        let mut added = Vec::new();
+        for (kind, addr) in routes {
+            let dst = format!("{addr}/32");
+            let ok = std::process::Command::new("ip")
+                .args(["route", "add", kind, &dst])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                drop(Self(added));
+                return None;
+            }
+            added.push(format!("{kind} {dst}"));
+        }
+        Some(Self(added))
+    }
+}
+
+impl Drop for Routes {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            let mut args = vec!["route", "del"];
+            args.extend(r.split(' '));
+            let _ = std::process::Command::new("ip").args(&args).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_targets_get_their_reply_codes_and_are_counted() {
+    if !require_privileged("unreachable targets") {
+        return;
+    }
+    // TEST-NET-2 addresses picked per process, so parallel runs do not share a route.
+    let n = 20 + 2 * (std::process::id() % 100);
+    let (host, net) = (format!("198.51.100.{n}"), format!("198.51.100.{}", n + 1));
+    let Some(_routes) = Routes::add(&[("unreachable", host.clone()), ("throw", net.clone())])
+    else {
+        proxy_integration::skip_or_panic("unreachable targets", "`ip route add` failed");
+        return;
+    };
+    let daemon = Daemon::start(DaemonOpts::default());
+    for (addr, code, reason) in [
+        (&host, socks::REP_HOST_UNREACHABLE, "host_unreachable"),
+        (&net, socks::REP_NETWORK_UNREACHABLE, "network_unreachable"),
+    ] {
+        let target = Target::Ip(format!("{addr}:80").parse().unwrap());
+        let (mut s, reply) = within(
+            LIMIT,
+            "reply",
+            socks::handshake(daemon.addr(), socks::CMD_CONNECT, &target, None),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CONNECT {addr}: {e}"));
+        assert_eq!(reply.code, code, "CONNECT {addr} ({reason})");
+        proxy_integration::wait_closed(&mut s, Duration::from_secs(5), reason).await;
+        wait_counter(&daemon, &format!("failures_{reason}"), 1).await;
+    }
+    wait_counter(&daemon, "sessions_failed", 2).await;
+    wait_sessions_drained(&daemon).await;
+    daemon.stop();
+}
