@@ -18,8 +18,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the SOCKS server (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON, for the in-kernel
-    /// path).
+    /// Run the SOCKS server (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON, for the
+    /// in-kernel path).
     Run(RunArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
