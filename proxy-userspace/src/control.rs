@@ -55,6 +55,9 @@ pub struct Info {
     pub sessions: usize,
     /// Sessions per state, from the registry.
     pub states: BTreeMap<String, usize>,
+    /// Sessions and bytes per user and per rule, clients connected now.
+    #[serde(default)]
+    pub accounts: crate::registry::Accounts,
 }
 
 #[derive(Debug, Deserialize)]

@@ -450,6 +450,50 @@ impl Collector for SnapshotCollector {
             "Times a spliced socket's verdict was stopped because its peer fell behind.",
             s.counter(Counter::SockmapBrakes),
         )?;
+        if let Some(d) = &s.daemon {
+            let a = &d.accounts;
+            for (kind, rows) in [("user", &a.users), ("rule", &a.rules)] {
+                let bytes: Vec<(Vec<(&str, String)>, ConstCounter)> = rows
+                    .iter()
+                    .flat_map(|r| {
+                        [("up", r.up_bytes), ("down", r.down_bytes)].map(|(dir, v)| {
+                            (
+                                vec![(kind, r.name.clone()), ("direction", dir.to_owned())],
+                                ConstCounter::new(v),
+                            )
+                        })
+                    })
+                    .collect();
+                let sessions: Vec<(Vec<(&str, String)>, ConstCounter)> = rows
+                    .iter()
+                    .map(|r| (vec![(kind, r.name.clone())], ConstCounter::new(r.sessions)))
+                    .collect();
+                family(
+                    &mut enc,
+                    &format!("{kind}_bytes"),
+                    &format!("Payload bytes of the sessions of each {kind} (ended ones plus live ones so far)."),
+                    None,
+                    MetricType::Counter,
+                    &bytes,
+                )?;
+                family(
+                    &mut enc,
+                    &format!("{kind}_sessions"),
+                    &format!("Sessions of each {kind} whose request was read, live ones included."),
+                    None,
+                    MetricType::Counter,
+                    &sessions,
+                )?;
+            }
+            family(
+                &mut enc,
+                "clients_active",
+                "Distinct client addresses with a session open now.",
+                None,
+                MetricType::Gauge,
+                &[(Vec::<(&str, String)>::new(), ConstGauge::new(i64::try_from(a.clients_active).unwrap_or(i64::MAX)))],
+            )?;
+        }
         counter(
             &mut enc,
             "sockmap_brake_bytes",

@@ -167,6 +167,7 @@ impl Shared {
                 .into_iter()
                 .map(|(s, n)| (s.name().to_owned(), n))
                 .collect(),
+            accounts: self.registry.accounts(self),
         }
     }
 

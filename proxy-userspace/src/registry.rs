@@ -149,12 +149,68 @@ struct Entry {
     bytes: Option<Arc<ByteCounters>>,
     /// Payload the daemon forwarded itself before a userspace relay took over.
     forwarded_up: u64,
+    /// Final payload bytes (up, down), recorded when the session ends.
+    final_bytes: Option<(u64, u64)>,
 }
 
-/// The live sessions.
+/// Sessions and payload bytes accounted to one user or one rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Totals {
+    sessions: u64,
+    up: u64,
+    down: u64,
+}
+
+impl Totals {
+    fn add(&mut self, up: u64, down: u64) {
+        self.sessions += 1;
+        self.up += up;
+        self.down += down;
+    }
+}
+
+/// Totals of the sessions that ended, per user and per rule.
+#[derive(Debug, Default)]
+struct Ended {
+    users: HashMap<String, Totals>,
+    rules: HashMap<String, Totals>,
+}
+
+/// The live sessions, and what ended ones add up to.
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<u64, Entry>>,
+    ended: Mutex<Ended>,
+}
+
+/// Sessions and payload bytes of one user or rule since the daemon started: ended sessions plus
+/// what live ones moved so far, so the figures only grow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRow {
+    /// User name (`-` for sessions without one) or rule name.
+    pub name: String,
+    /// Sessions whose request was read, live ones included.
+    pub sessions: u64,
+    /// Payload bytes client to target.
+    pub up_bytes: u64,
+    /// Payload bytes target to client.
+    pub down_bytes: u64,
+}
+
+/// Per-user and per-rule accounting, and how many clients are connected.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accounts {
+    /// By user, sorted by name.
+    pub users: Vec<AccountRow>,
+    /// By the socks rule that let the request through, sorted by name.
+    pub rules: Vec<AccountRow>,
+    /// Distinct client addresses with a session open now.
+    pub clients_active: usize,
+}
+
+/// The user name a session is accounted to.
+fn user_key(user: Option<&str>) -> &str {
+    user.unwrap_or("-")
 }
 
 /// `TCP_INFO` figures of one socket.
@@ -218,6 +274,7 @@ impl Registry {
             sockets: None,
             bytes: None,
             forwarded_up: 0,
+            final_bytes: None,
         };
         let mut m = self.sessions.lock().expect("registry lock");
         shared.metrics.inc(Counter::SessionsNegotiating);
@@ -257,6 +314,49 @@ impl Registry {
             .collect()
     }
 
+    /// Per-user and per-rule totals: ended sessions plus the bytes live ones moved so far.
+    pub fn accounts(&self, shared: &Shared) -> Accounts {
+        let (mut users, mut rules, live) = {
+            let live = self.sessions.lock().expect("registry lock");
+            let ended = self.ended.lock().expect("registry lock");
+            let entries: Vec<Entry> = live.values().cloned().collect();
+            (ended.users.clone(), ended.rules.clone(), entries)
+        };
+        let mut clients = std::collections::HashSet::new();
+        for e in live {
+            clients.insert(e.client.ip());
+            if e.command.is_none() {
+                continue;
+            }
+            let (up, down) = current_bytes(shared, &e);
+            users
+                .entry(user_key(e.user.as_deref()).to_owned())
+                .or_default()
+                .add(up, down);
+            if let Some(rule) = &e.rule {
+                rules.entry(rule.clone()).or_default().add(up, down);
+            }
+        }
+        let rows = |m: HashMap<String, Totals>| {
+            let mut v: Vec<AccountRow> = m
+                .into_iter()
+                .map(|(name, t)| AccountRow {
+                    name,
+                    sessions: t.sessions,
+                    up_bytes: t.up,
+                    down_bytes: t.down,
+                })
+                .collect();
+            v.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        Accounts {
+            users: rows(users),
+            rules: rows(rules),
+            clients_active: clients.len(),
+        }
+    }
+
     /// Live sessions per state.
     pub fn states(&self) -> HashMap<State, usize> {
         let mut out = HashMap::new();
@@ -267,7 +367,16 @@ impl Registry {
     }
 }
 
-fn info(shared: &Shared, now: Instant, id: u64, e: Entry) -> SessionInfo {
+/// Payload bytes a session moved so far (its final figures once it ended).
+fn current_bytes(shared: &Shared, e: &Entry) -> (u64, u64) {
+    if let Some(b) = e.final_bytes {
+        return b;
+    }
+    let (up, down) = live_bytes(shared, e);
+    (up.unwrap_or(0), down.unwrap_or(0))
+}
+
+fn live_bytes(shared: &Shared, e: &Entry) -> (Option<u64>, Option<u64>) {
     let (mut up, mut down) = (None, None);
     if let Some(b) = &e.bytes {
         up = Some(b.up.load(Relaxed) + e.forwarded_up);
@@ -280,6 +389,11 @@ fn info(shared: &Shared, now: Instant, id: u64, e: Entry) -> SessionInfo {
         up = sm.traffic(c.cookie).map(|t| t.bytes);
         down = sm.traffic(u.cookie).map(|t| t.bytes);
     }
+    (up, down)
+}
+
+fn info(shared: &Shared, now: Instant, id: u64, e: Entry) -> SessionInfo {
+    let (up, down) = live_bytes(shared, &e);
     let (client_tcp, upstream_tcp) = match e.sockets {
         Some((c, u)) => (c.tcp(), u.tcp()),
         None => (None, None),
@@ -314,6 +428,13 @@ impl SessionHandle<'_> {
     /// Notes that the end-of-session line was logged.
     pub fn logged(&self) {
         self.logged.store(true, Relaxed);
+    }
+
+    /// Records the session's final payload bytes for its user's and rule's totals, and notes
+    /// that its end line was logged.
+    pub fn ended(&self, up: u64, down: u64) {
+        self.update(|e| e.final_bytes = Some((up, down)));
+        self.logged();
     }
 
     fn update(&self, f: impl FnOnce(&mut Entry)) {
@@ -391,14 +512,28 @@ impl SessionHandle<'_> {
 
 impl Drop for SessionHandle<'_> {
     fn drop(&mut self) {
-        let removed = self
-            .shared
-            .registry
-            .sessions
-            .lock()
-            .expect("registry lock")
-            .remove(&self.id);
-        let Some(e) = removed else { return };
+        let registry = &self.shared.registry;
+        let e = {
+            // Both locks at once (in this order, as in `accounts`): a reader never sees the
+            // session neither live nor in the totals.
+            let mut live = registry.sessions.lock().expect("registry lock");
+            let Some(e) = live.remove(&self.id) else {
+                return;
+            };
+            if e.command.is_some() {
+                let (up, down) = current_bytes(self.shared, &e);
+                let mut totals = registry.ended.lock().expect("registry lock");
+                totals
+                    .users
+                    .entry(user_key(e.user.as_deref()).to_owned())
+                    .or_default()
+                    .add(up, down);
+                if let Some(rule) = &e.rule {
+                    totals.rules.entry(rule.clone()).or_default().add(up, down);
+                }
+            }
+            e
+        };
         if let Some(g) = e.state.gauge() {
             self.shared.metrics.dec(g);
         }

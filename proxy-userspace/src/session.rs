@@ -273,7 +273,11 @@ struct Ending {
 
 impl Ending {
     fn served(&self, session: &SessionHandle<'_>, served: Served) {
-        session.logged();
+        match &served {
+            Served::Relayed(o) => session.ended(o.up, o.down),
+            Served::Udp(o) => session.ended(o.up_bytes, o.down_bytes),
+            Served::BindAbandoned => session.ended(0, 0),
+        }
         let Self {
             id,
             peer,

@@ -257,7 +257,8 @@ impl Snapshot {
     }
 
     /// The same figures, read inside the daemon: its own counters directly, the kernel's from
-    /// the pinned map (zero when the eBPF programs are not loaded). Without per-session rows.
+    /// the pinned map (zero when the eBPF programs are not loaded), and what the control socket
+    /// would say. Without per-session rows.
     pub fn from_daemon(shared: &Shared) -> Self {
         let kernel = match &shared.kernel {
             Some(_) => kernel_traffic(&shared.config().pin_dir).unwrap_or_else(|e| {
@@ -295,7 +296,7 @@ impl Snapshot {
             counters,
             histograms,
             sessions: Vec::new(),
-            daemon: None,
+            daemon: Some(shared.info()),
         }
     }
 
@@ -520,6 +521,24 @@ impl Snapshot {
                     .map(|a| format!(" metrics http://{a}/metrics"))
                     .unwrap_or_default()
             );
+            let _ = writeln!(out, "  clients connected now: {}", d.accounts.clients_active);
+            for (title, rows) in [("USER", &d.accounts.users), ("RULE", &d.accounts.rules)] {
+                if rows.is_empty() {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "\n{title:<24} {:>10} {:>16} {:>16}",
+                    "SESSIONS", "UP BYTES", "DOWN BYTES"
+                );
+                for r in rows {
+                    let _ = writeln!(
+                        out,
+                        "{:<24} {:>10} {:>16} {:>16}",
+                        r.name, r.sessions, r.up_bytes, r.down_bytes
+                    );
+                }
+            }
         }
         if !self.sessions.is_empty() {
             let _ = writeln!(

@@ -1102,3 +1102,117 @@ async fn stats_watch_and_control_errors() {
     assert_eq!(lines[1]["info"]["sessions"], 0, "{answer}");
     daemon.stop();
 }
+
+/// Per-user and per-rule accounting: each user's and rule's figures equal the payload its
+/// sessions moved, while they are open and after they ended, in `stats --json` and `/metrics`;
+/// `clients_active` counts the connected client addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_by_user_and_rule() {
+    if !require_privileged("data path sockmap") {
+        return;
+    }
+    const ALICE: (u64, u64) = ((2 << 20) + 11, (1 << 20) + 22);
+    const BOB: (u64, u64) = (333_333, (3 << 20) + 44);
+    let users = UsersFile::new(&[("alice", "a-secret"), ("bob", "b-secret")]);
+    let extra = format!(
+        "{}{METRICS}\
+         [[socks_rule]]\nname = \"alice-only\"\naction = \"pass\"\nusers = [\"alice\"]\n\
+         [[socks_rule]]\nname = \"others\"\naction = \"pass\"\n",
+        users.auth_toml(&["username"])
+    );
+    let daemon = Daemon::start(DaemonOpts {
+        extra_toml: extra,
+        ..DaemonOpts::path(DataPath::Sockmap)
+    });
+
+    let mut open = Vec::new();
+    for (user, pass, (up, down)) in [("alice", "a-secret", ALICE), ("bob", "b-secret", BOB)] {
+        let listener = listen("127.0.0.1:0").await;
+        let target_addr = listener.local_addr().unwrap();
+        let accept = Task::spawn(async move { accept_one(&listener).await });
+        let mut client =
+            socks::connect_auth(daemon.addr(), &socks::Auth::user(user, pass), target_addr)
+                .await
+                .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let mut target = accept.join(LIMIT, "target accept").await;
+        within(LIMIT, "transfer", async {
+            tokio::try_join!(
+                send_and_recv(&mut client, (1, up), (2, down)),
+                send_and_recv(&mut target, (2, down), (1, up))
+            )
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{user}: transfer: {e}"));
+        open.push((client, target));
+    }
+
+    let account = |s: &Value, kind: &str, name: &str| -> (u64, u64, u64) {
+        let rows = s["daemon"]["accounts"][kind]
+            .as_array()
+            .unwrap_or_else(|| panic!("no daemon.accounts.{kind}: {s}"));
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+                (n("sessions"), n("up_bytes"), n("down_bytes"))
+            })
+            .unwrap_or_else(|| panic!("no {kind} row {name:?}: {s}"))
+    };
+    let want = [
+        ("users", "alice", (1, ALICE.0, ALICE.1)),
+        ("users", "bob", (1, BOB.0, BOB.1)),
+        ("rules", "alice-only", (1, ALICE.0, ALICE.1)),
+        ("rules", "others", (1, BOB.0, BOB.1)),
+    ];
+    let check = |live: bool| {
+        let s = daemon.stats_json();
+        for (kind, name, figures) in want {
+            assert_eq!(account(&s, kind, name), figures, "{kind} {name} (live: {live}): {s}");
+        }
+        assert_eq!(
+            s["daemon"]["accounts"]["clients_active"],
+            u64::from(live),
+            "{s}"
+        );
+    };
+    // Live: the kernel's per-socket counters (poll until both sessions are spliced and counted).
+    poll_until(SETTLE, "the accounts to show the live sessions' bytes", |last| {
+        let s = daemon.stats_json();
+        *last = s["daemon"]["accounts"].to_string();
+        want.iter()
+            .all(|(kind, name, f)| {
+                s["daemon"]["accounts"][kind]
+                    .as_array()
+                    .is_some_and(|rows| rows.iter().any(|r| r["name"] == *name && r["up_bytes"] == f.1 && r["down_bytes"] == f.2))
+            })
+            .then_some(())
+    })
+    .await;
+    check(true);
+    let (body, m) = scrape(metrics_addr(&daemon)).await;
+    assert_eq!(sample(&m, "ebsocks_user_bytes", &[("user", "alice"), ("direction", "up")], &body), ALICE.0 as f64);
+    assert_eq!(sample(&m, "ebsocks_user_bytes", &[("user", "bob"), ("direction", "down")], &body), BOB.1 as f64);
+    assert_eq!(sample(&m, "ebsocks_rule_bytes", &[("rule", "alice-only"), ("direction", "down")], &body), ALICE.1 as f64);
+    assert_eq!(sample(&m, "ebsocks_user_sessions", &[("user", "bob")], &body), 1.0);
+    assert_eq!(sample(&m, "ebsocks_clients_active", &[], &body), 1.0);
+
+    // Ended: the same figures, from the sessions' final counts.
+    for (mut client, mut target) in open {
+        within(LIMIT, "closing", async {
+            tokio::try_join!(
+                exchange(&mut client, Plan::close()),
+                exchange(&mut target, Plan::sink(0, 0))
+            )
+        })
+        .await
+        .unwrap_or_else(|e| panic!("closing: {e}"));
+    }
+    wait_sessions_drained(&daemon).await;
+    check(false);
+    let (body, m) = scrape(metrics_addr(&daemon)).await;
+    assert_eq!(sample(&m, "ebsocks_user_bytes", &[("user", "alice"), ("direction", "up")], &body), ALICE.0 as f64);
+    assert_eq!(sample(&m, "ebsocks_clients_active", &[], &body), 0.0);
+    let table = cli(&["stats", "--pin-dir", &daemon.pin_dir().to_string_lossy()]);
+    assert!(table.contains("alice-only") && table.contains(&ALICE.0.to_string()), "{table}");
+    daemon.stop();
+}
