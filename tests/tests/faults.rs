@@ -101,7 +101,8 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     let (used, wall) = (cpu_time(pid) - c0, t0.elapsed());
     eprintln!("daemon CPU while out of descriptors: {used:?} in {wall:?}");
     assert!(
-        used < wall / 4,
+        // A 50 ms pause costs about 10 ms here; a spin, or even a 1 ms pause, over 100 ms.
+        used < wall / 20,
         "the daemon used {used:?} of CPU in {wall:?} while out of descriptors (busy loop?)"
     );
 
