@@ -38,6 +38,11 @@ const APT_PACKAGES: &[AptPackage] = &[
         name: "openssh-client",
         optional: false,
     },
+    // A real SOCKS5 UDP ASSOCIATE client (PySocks) for the UDP relay's tests.
+    AptPackage {
+        name: "python3-socks",
+        optional: false,
+    },
     // `ps`, `pgrep`, `sysctl`.
     AptPackage {
         name: "procps",
