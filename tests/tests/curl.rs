@@ -1,6 +1,6 @@
 //! A real SOCKS client against the daemon: curl with `--socks5-hostname` (with and without
 //! RFC 1929 credentials) and `--socks4a`, fetching from a one-response HTTP server the test
-//! runs on 127.0.0.1. Skipped (with a `SKIP:` line) when curl is not installed.
+//! runs on 127.0.0.1. Without curl the tests skip, except in CI, where they fail.
 
 use std::{
     process::{Command, Output, Stdio},
@@ -9,7 +9,8 @@ use std::{
 };
 
 use proxy_integration::{
-    checks::wait_counter, listen, require_privileged, Daemon, DaemonOpts, Task, UsersFile,
+    checks::wait_counter, listen, require_privileged, skip_or_panic, Daemon, DaemonOpts, Task,
+    UsersFile,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,10 +24,7 @@ fn curl_installed() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: curl is not installed");
-    }
-    ok
+    ok || skip_or_panic("curl", "curl is not installed (cargo xtask setup --apt)")
 }
 
 /// Runs curl with `args` (plus -q -sS --max-time), bounded, and returns its output.
