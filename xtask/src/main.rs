@@ -267,8 +267,11 @@ fn test(ws: &Workspace, args: &[OsString]) -> Result<()> {
 
     // --no-fail-fast: one run reports every failing test binary; the step still fails.
     progress!("test 2/4: unit and unprivileged tests");
+    // Every test build uses the release profile too: the daemon's dependencies and its eBPF
+    // object are then compiled once for all three builds.
     let mut unit = ws.cargo().env("EBSOCKS_BIN", &bin).args([
         "test",
+        "--release",
         "--locked",
         "--no-fail-fast",
         "--workspace",
@@ -294,6 +297,7 @@ fn test(ws: &Workspace, args: &[OsString]) -> Result<()> {
         .env("EBSOCKS_BIN", &bin)
         .args([
             "test",
+            "--release",
             "--locked",
             "--no-fail-fast",
             "-p",
