@@ -38,8 +38,11 @@ async fn runs_as_nobody_without_capabilities_and_still_splices() {
         "user = \"nobody\"\ncontrol_socket = {}\n",
         proxy_integration::daemon::toml_str(&control.to_string_lossy())
     );
+    // SO_BINDTODEVICE on each outgoing socket and pacing on both sockets of a session are
+    // done after the switch: they must work without CAP_NET_RAW or CAP_NET_ADMIN.
+    let extra = format!("{user}[outgoing]\ninterface = \"lo\"\n[limits]\nbandwidth = \"40gbit\"\n");
     let daemon = Daemon::start(DaemonOpts {
-        extra_toml: user.clone(),
+        extra_toml: extra.clone(),
         dir_owner: Some((NOBODY, gid)),
         ..DaemonOpts::path(DataPath::Sockmap)
     });
@@ -88,8 +91,14 @@ async fn runs_as_nobody_without_capabilities_and_still_splices() {
         .await
         .unwrap_or_else(|e| panic!("close: {e}"));
 
+    let log = daemon.stderr_log();
+    assert!(
+        !log.contains("cannot set the pacing rate"),
+        "pacing failed as nobody:\n{log}"
+    );
+
     // SIGHUP still reloads: the config file is readable by nobody.
-    daemon.rewrite_config(&format!("{user}[timeouts]\nidle = \"2m\"\n"));
+    daemon.rewrite_config(&format!("{extra}[timeouts]\nidle = \"2m\"\n"));
     daemon.sighup();
     wait_log(&daemon, "configuration reloaded", 1).await;
     let mut s = socks::connect(daemon.addr(), echo.addr).await;
