@@ -149,3 +149,110 @@ async fn unknown_user_is_fatal() {
         "pins left after a failed start"
     );
 }
+
+/// The capabilities `dist/ebsocks.service` bounds the daemon to, as setpriv names them.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/ebsocks.service");
+    let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet= in the unit");
+    line.split_whitespace()
+        .map(|c| {
+            c.strip_prefix("CAP_")
+                .expect("CAP_ name")
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+/// Starts the daemon with `user = "nobody"` under exactly `caps` (setpriv bounding set, no
+/// inheritable or ambient capabilities) and reports whether it came up on the sockmap path.
+fn sockmap_with(caps: &[String]) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    // nobody writes the address file after the switch.
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(nobody_group())).unwrap();
+    let cfg = dir.path().join("c.toml");
+    let addr = dir.path().join("addr");
+    let pin = format!("/sys/fs/bpf/ebsocks-test-caps-{}", std::process::id());
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\ndata_path = \"sockmap\"\npin_dir = \"{pin}\"\n\
+             control_socket = \"off\"\nuser = \"nobody\"\n"
+        ),
+    )
+    .unwrap();
+    let bounding: String = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--inh-caps=-all", "--ambient-caps=-all"])
+        .arg(format!("--bounding-set={bounding}"))
+        .arg("--")
+        .arg(proxy_integration::daemon::daemon_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--addr-file")
+        .arg(&addr)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("run setpriv");
+    let t0 = std::time::Instant::now();
+    let outcome = loop {
+        if addr.exists() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            break if text.contains("data_path=\"sockmap\"") {
+                Ok(())
+            } else {
+                Err(format!("came up without the sockmap path:\n{text}"))
+            };
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break Err(format!(
+                "exited with {st}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            break Err("not ready within 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&pin);
+    outcome
+}
+
+/// The unit's bounding set is exactly enough: with it the daemon loads the sockmap path and
+/// switches to nobody; without any one of those capabilities it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_units_capability_set_is_enough_and_each_one_is_needed() {
+    if !require_privileged("data path sockmap") {
+        return;
+    }
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("setpriv").is_file()));
+    if !on_path {
+        proxy_integration::skip_or_panic("capability set", "setpriv (util-linux) not installed");
+        return;
+    }
+    let caps = unit_capabilities();
+    sockmap_with(&caps).unwrap_or_else(|e| panic!("with the unit's set {caps:?}: {e}"));
+    for (i, cap) in caps.iter().enumerate() {
+        let mut fewer = caps.clone();
+        fewer.remove(i);
+        assert!(
+            sockmap_with(&fewer).is_err(),
+            "the daemon does not need {cap} (unit set {caps:?}): drop it from the unit"
+        );
+    }
+}
