@@ -174,7 +174,7 @@ async fn daemon_does_not_read_the_payload() {
     // reader fell behind (counted separately); both readers here keep up.
     let held = s.counter("sockmap_brake_bytes");
     assert!(
-        held < LEN / 2,
+        held < LEN / 8,
         "the daemon moved {held} of {} payload bytes itself: {s}",
         2 * LEN
     );
