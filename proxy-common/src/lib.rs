@@ -729,6 +729,311 @@ pub mod metrics {
     pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 }
 
+/// The UDP fast path: an XDP program on the interfaces named in `[udp] xdp_interfaces`, in
+/// front of the daemon's UDP relay sockets.
+///
+/// For a datagram addressed to a relay socket ([`RELAYS`]) it drops early what the relay would
+/// drop anyway (counted per [`XdpCounter`]), and for a flow the daemon offloaded ([`PEERS`] with
+/// [`PEER_OFFLOAD`]) it rewrites the datagram itself and transmits it, so that the relay socket
+/// never sees it. Everything else passes to the stack unchanged; the relay stays correct for
+/// every datagram.
+///
+/// Addresses are 16 bytes in network order; an IPv4 address is written IPv4-mapped
+/// (`::ffff:a.b.c.d`). Ports are in network order.
+pub mod xdp {
+    /// Name of the XDP program.
+    pub const XDP_PROG: &str = "ebsocks_xdp";
+
+    /// Name of the hash map [`RelayKey`] -> [`Relay`]: one entry per UDP association, written by
+    /// the daemon only.
+    pub const RELAYS: &str = "EBSOCKS_XRELAYS";
+    /// Name of the hash map [`PeerKey`] -> [`Peer`]: the targets an association's client has
+    /// sent to (the only sources whose datagrams go back to the client). The daemon creates
+    /// the entries; the XDP program adds to their counters.
+    pub const PEERS: &str = "EBSOCKS_XPEERS";
+    /// Name of the LRU hash map [`PeerKey`] -> `u32`: destinations the association's rules
+    /// refused, learned from the relay's decisions. An entry evicted only costs a trip to the
+    /// daemon, which refuses the datagram again.
+    pub const DENY: &str = "EBSOCKS_XDENY";
+    /// Name of the per-CPU array of `metrics::Traffic` per [`IfaceSlot`]: every frame seen on
+    /// the XDP interfaces, by protocol and direction.
+    pub const IFACE_TRAFFIC: &str = "EBSOCKS_XSTATS";
+    /// Name of the per-CPU array of `u64` indexed by [`XdpCounter`].
+    pub const COUNTERS: &str = "EBSOCKS_XCOUNT";
+
+    /// Capacity of [`RELAYS`].
+    pub const RELAYS_MAX_ENTRIES: u32 = 65_536;
+    /// Capacity of [`PEERS`], shared by every association.
+    pub const PEERS_MAX_ENTRIES: u32 = 262_144;
+    /// Capacity of [`DENY`].
+    pub const DENY_MAX_ENTRIES: u32 = 65_536;
+
+    /// A relay socket: the address the client sends to and targets answer to.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct RelayKey {
+        /// The relay socket's address (IPv4-mapped for IPv4), network order.
+        pub addr: [u8; 16],
+        /// The relay socket's port, network order.
+        pub port: u16,
+        /// Reserved, zero.
+        pub _pad: [u8; 2],
+    }
+
+    /// An association, as the XDP program sees it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Relay {
+        /// The client's address (IPv4-mapped for IPv4), network order.
+        pub client_addr: [u8; 16],
+        /// The client's port, network order; zero until the relay has learned it (the program
+        /// then passes the client's datagrams to the relay, which learns it from the first).
+        pub client_port: u16,
+        /// [`RELAY_PEERS_COMPLETE`].
+        pub flags: u16,
+    }
+
+    /// [`Relay::flags`]: every target of the association is in [`PEERS`], so a datagram from
+    /// any other source (than the client) is foreign and dropped.
+    pub const RELAY_PEERS_COMPLETE: u16 = 1;
+
+    /// An association's peer (a target), or a destination in [`DENY`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct PeerKey {
+        /// The association's relay socket.
+        pub relay: RelayKey,
+        /// The target's address (IPv4-mapped for IPv4), network order.
+        pub addr: [u8; 16],
+        /// The target's port, network order.
+        pub port: u16,
+        /// Reserved, zero.
+        pub _pad: [u8; 2],
+    }
+
+    /// A peer's state and what the XDP program moved for it. Counters are added with atomic
+    /// adds; layout read by the daemon, do not reorder.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Peer {
+        /// [`PEER_OFFLOAD`].
+        pub flags: u32,
+        /// Reserved, zero.
+        pub _pad: u32,
+        /// Payload bytes (SOCKS header excluded) forwarded client -> target by XDP.
+        pub up_bytes: u64,
+        /// Datagrams forwarded client -> target by XDP.
+        pub up_packets: u64,
+        /// Payload bytes forwarded target -> client by XDP.
+        pub down_bytes: u64,
+        /// Datagrams forwarded target -> client by XDP.
+        pub down_packets: u64,
+    }
+
+    /// [`Peer::flags`]: the target was named by a literal address and the rules allow it, so
+    /// XDP may forward in both directions.
+    pub const PEER_OFFLOAD: u32 = 1;
+
+    /// Protocol of a frame, for [`IfaceSlot`].
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Proto {
+        /// TCP over IPv4 or IPv6.
+        Tcp = 0,
+        /// UDP over IPv4 or IPv6.
+        Udp = 1,
+        /// ICMP or ICMPv6.
+        Icmp = 2,
+        /// Anything else (ARP, other IP protocols, extension headers, non-IP).
+        Other = 3,
+    }
+
+    impl Proto {
+        /// Every protocol, in index order.
+        pub const ALL: [Self; 4] = [Self::Tcp, Self::Udp, Self::Icmp, Self::Other];
+
+        /// Lower-case name used in stats output.
+        pub const fn name(self) -> &'static str {
+            match self {
+                Self::Tcp => "tcp",
+                Self::Udp => "udp",
+                Self::Icmp => "icmp",
+                Self::Other => "other",
+            }
+        }
+    }
+
+    /// Direction of a frame on an XDP interface.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum IfaceDir {
+        /// Received on the interface (everything the program sees).
+        Rx = 0,
+        /// Transmitted by the program itself (offloaded datagrams, after the rewrite).
+        Tx = 1,
+    }
+
+    impl IfaceDir {
+        /// Both directions, in index order.
+        pub const ALL: [Self; 2] = [Self::Rx, Self::Tx];
+
+        /// Lower-case name used in stats output.
+        pub const fn name(self) -> &'static str {
+            match self {
+                Self::Rx => "rx",
+                Self::Tx => "tx",
+            }
+        }
+    }
+
+    /// Index into [`IFACE_TRAFFIC`].
+    pub const fn iface_slot(proto: Proto, dir: IfaceDir) -> u32 {
+        proto as u32 * 2 + dir as u32
+    }
+
+    /// Entries of [`IFACE_TRAFFIC`].
+    pub const IFACE_SLOTS: u32 = 8;
+
+    /// What the XDP program did with a datagram addressed to a relay socket, indexes into
+    /// [`COUNTERS`].
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum XdpCounter {
+        /// Dropped: malformed SOCKS UDP header (too short, unknown address type).
+        DropMalformed = 0,
+        /// Dropped: FRAG != 0.
+        DropFrag = 1,
+        /// Dropped: neither the client nor a target the client sent to.
+        DropForeign = 2,
+        /// Dropped: destination the association's rules refused.
+        DropBlocked = 3,
+        /// Passed to the relay: destination is a domain name.
+        PassDomain = 4,
+        /// Passed: no offloaded flow for this destination or source (yet).
+        PassNoFlow = 5,
+        /// Passed: IP options, extension headers or an IP fragment.
+        PassUnparsed = 6,
+        /// Passed: the result would not fit the egress MTU.
+        PassTooBig = 7,
+        /// Passed: the FIB lookup found no route or no neighbour.
+        PassFib = 8,
+        /// Passed: the client's port is not known yet.
+        PassLearning = 9,
+        /// Forwarded client -> target by XDP.
+        OffloadUp = 10,
+        /// Forwarded target -> client by XDP.
+        OffloadDown = 11,
+    }
+
+    impl XdpCounter {
+        /// Every counter, in index order.
+        pub const ALL: [Self; 12] = [
+            Self::DropMalformed,
+            Self::DropFrag,
+            Self::DropForeign,
+            Self::DropBlocked,
+            Self::PassDomain,
+            Self::PassNoFlow,
+            Self::PassUnparsed,
+            Self::PassTooBig,
+            Self::PassFib,
+            Self::PassLearning,
+            Self::OffloadUp,
+            Self::OffloadDown,
+        ];
+
+        /// Name used in stats output.
+        pub const fn name(self) -> &'static str {
+            match self {
+                Self::DropMalformed => "xdp_dropped_malformed",
+                Self::DropFrag => "xdp_dropped_frag",
+                Self::DropForeign => "xdp_dropped_foreign",
+                Self::DropBlocked => "xdp_dropped_blocked",
+                Self::PassDomain => "xdp_passed_domain",
+                Self::PassNoFlow => "xdp_passed_no_flow",
+                Self::PassUnparsed => "xdp_passed_unparsed",
+                Self::PassTooBig => "xdp_passed_too_big",
+                Self::PassFib => "xdp_passed_fib",
+                Self::PassLearning => "xdp_passed_learning",
+                Self::OffloadUp => "xdp_offloaded_up",
+                Self::OffloadDown => "xdp_offloaded_down",
+            }
+        }
+    }
+
+    /// Entries of [`COUNTERS`] (room for more).
+    pub const COUNTERS_MAX: u32 = 32;
+
+    const _: () = {
+        let mut i = 0;
+        while i < XdpCounter::ALL.len() {
+            assert!(XdpCounter::ALL[i] as usize == i);
+            i += 1;
+        }
+        assert!(XdpCounter::ALL.len() <= COUNTERS_MAX as usize);
+    };
+
+    /// One's-complement arithmetic for incremental checksum updates (RFC 1624), on 16-bit
+    /// words taken from the packet as they lie in memory (the sum is byte-order neutral).
+    pub mod csum {
+        /// Adds a word to a running sum.
+        #[inline(always)]
+        pub const fn add(sum: u32, word: u16) -> u32 {
+            sum + word as u32
+        }
+
+        /// Takes a word out of a running sum (adds its complement).
+        #[inline(always)]
+        pub const fn sub(sum: u32, word: u16) -> u32 {
+            sum + (!word) as u32
+        }
+
+        /// Folds a running sum to 16 bits.
+        #[inline(always)]
+        pub const fn fold(mut sum: u32) -> u16 {
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum as u16
+        }
+
+        /// The word at `b[i..i + 2]`, as it lies in memory.
+        #[inline(always)]
+        pub const fn word(b0: u8, b1: u8) -> u16 {
+            u16::from_ne_bytes([b0, b1])
+        }
+
+        /// Starts an update of the stored checksum `check`: the running sum it stands for.
+        #[inline(always)]
+        pub const fn start(check: u16) -> u32 {
+            (!check) as u32
+        }
+
+        /// Ends an update: the checksum to store. A UDP checksum of zero is sent as 0xffff
+        /// (zero means "none").
+        #[inline(always)]
+        pub const fn finish_udp(sum: u32) -> u16 {
+            let c = !fold(sum);
+            if c == 0 {
+                0xffff
+            } else {
+                c
+            }
+        }
+
+        /// The IPv4 header checksum of 20 bytes whose checksum field holds zero.
+        #[inline(always)]
+        pub fn ipv4_header(h: &[u8; 20]) -> u16 {
+            let mut sum = 0u32;
+            let mut i = 0;
+            while i < 20 {
+                sum = add(sum, word(h[i], h[i + 1]));
+                i += 2;
+            }
+            !fold(sum)
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers without padding; every bit pattern is valid.
@@ -739,4 +1044,137 @@ mod pod {
     unsafe impl aya::Pod for crate::sockmap::BrakeControl {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::sockmap::BrakeState {}
+    // SAFETY: as above; `_pad` makes the padding explicit.
+    unsafe impl aya::Pod for crate::xdp::RelayKey {}
+    // SAFETY: as above (16 + 2 + 2 bytes, no padding).
+    unsafe impl aya::Pod for crate::xdp::Relay {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::xdp::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::xdp::Peer {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xdp::csum;
+
+    /// The UDP checksum of a datagram computed from scratch: pseudo-header (addresses,
+    /// protocol 17, length), UDP header with a zero checksum, payload.
+    fn full(src: &[u8], dst: &[u8], sport: u16, dport: u16, payload: &[u8]) -> u16 {
+        let len = (8 + payload.len()) as u16;
+        let mut b = [0u8; 1600];
+        let mut n = 0;
+        for x in src.iter().chain(dst) {
+            b[n] = *x;
+            n += 1;
+        }
+        for x in [0, 17]
+            .iter()
+            .chain(&len.to_be_bytes())
+            .chain(&sport.to_be_bytes())
+            .chain(&dport.to_be_bytes())
+            .chain(&len.to_be_bytes())
+            .chain(&[0, 0])
+            .chain(payload)
+        {
+            b[n] = *x;
+            n += 1;
+        }
+        if n % 2 == 1 {
+            n += 1;
+        }
+        let mut sum = 0;
+        let mut i = 0;
+        while i < n {
+            sum = csum::add(sum, csum::word(b[i], b[i + 1]));
+            i += 2;
+        }
+        csum::finish_udp(sum)
+    }
+
+    fn words(mut sum: u32, b: &[u8], sub: bool) -> u32 {
+        for w in b.chunks(2) {
+            let w = csum::word(w[0], w[1]);
+            sum = if sub {
+                csum::sub(sum, w)
+            } else {
+                csum::add(sum, w)
+            };
+        }
+        sum
+    }
+
+    /// Stripping a SOCKS header and rewriting addresses, ports and length incrementally gives
+    /// the checksum computed from scratch; so does adding one.
+    #[test]
+    fn incremental_udp_checksum_matches_a_full_one() {
+        let (client, relay, target) = ([10, 1, 0, 2], [10, 1, 0, 1], [10, 2, 0, 2]);
+        let (cport, rport, tport) = (40_000u16, 50_000u16, 53u16);
+        for plen in [0usize, 1, 2, 9, 100, 1471] {
+            let payload: [u8; 1500] = core::array::from_fn(|i| (i * 7 + plen) as u8);
+            let payload = &payload[..plen];
+            let mut socks = [0u8; 10 + 1500];
+            socks[3] = 1;
+            socks[4..8].copy_from_slice(&target);
+            socks[8..10].copy_from_slice(&tport.to_be_bytes());
+            socks[10..10 + plen].copy_from_slice(payload);
+            let with_header = &socks[..10 + plen];
+
+            // Up: client -> relay with header, becomes relay -> target without.
+            let old = full(&client, &relay, cport, rport, with_header);
+            let mut sum = csum::start(old);
+            let old_len = ((8 + with_header.len()) as u16).to_be_bytes();
+            let new_len = ((8 + plen) as u16).to_be_bytes();
+            sum = words(sum, &client, true);
+            sum = words(sum, &relay, true);
+            sum = words(sum, &cport.to_be_bytes(), true);
+            sum = words(sum, &rport.to_be_bytes(), true);
+            sum = words(sum, &old_len, true);
+            sum = words(sum, &old_len, true);
+            sum = words(sum, &with_header[..10], true);
+            sum = words(sum, &relay, false);
+            sum = words(sum, &target, false);
+            sum = words(sum, &rport.to_be_bytes(), false);
+            sum = words(sum, &tport.to_be_bytes(), false);
+            sum = words(sum, &new_len, false);
+            sum = words(sum, &new_len, false);
+            assert_eq!(
+                csum::finish_udp(sum),
+                full(&relay, &target, rport, tport, payload),
+                "up, {plen} bytes"
+            );
+
+            // Down: target -> relay without header, becomes relay -> client with it.
+            let old = full(&target, &relay, tport, rport, payload);
+            let mut sum = csum::start(old);
+            sum = words(sum, &target, true);
+            sum = words(sum, &relay, true);
+            sum = words(sum, &tport.to_be_bytes(), true);
+            sum = words(sum, &rport.to_be_bytes(), true);
+            sum = words(sum, &new_len, true);
+            sum = words(sum, &new_len, true);
+            sum = words(sum, &with_header[..10], false);
+            sum = words(sum, &relay, false);
+            sum = words(sum, &client, false);
+            sum = words(sum, &rport.to_be_bytes(), false);
+            sum = words(sum, &cport.to_be_bytes(), false);
+            sum = words(sum, &old_len, false);
+            sum = words(sum, &old_len, false);
+            assert_eq!(
+                csum::finish_udp(sum),
+                full(&relay, &client, rport, cport, with_header),
+                "down, {plen} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv4_header_checksum() {
+        // RFC 1071-style example header with its checksum field zeroed.
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(csum::ipv4_header(&h).to_ne_bytes(), [0xb8, 0x61]);
+    }
 }

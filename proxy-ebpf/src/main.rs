@@ -5,6 +5,8 @@
 //! egress of the peer socket, so TCP payload moves from one socket to the other inside the kernel
 //! and never reaches the daemon.
 //!
+//! `ebsocks_xdp` (in `xdp.rs`) is the UDP fast path in front of the UDP relay sockets.
+//!
 //! # Minimum kernel version
 //! A stream verdict program without a stream parser needs Linux 5.13; `bpf_get_socket_cookie`
 //! in sk_skb programs needs 5.x with BTF. The daemon probes both at start-up and falls back to
@@ -26,3 +28,5 @@ fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod xdp;

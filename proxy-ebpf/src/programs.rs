@@ -46,7 +46,7 @@ static SESSIONS: HashMap<u64, SessionTraffic> = HashMap::with_max_entries(SESSIO
 
 /// Bytes and skbs per traffic slot, per CPU.
 #[map(name = "EBSOCKS_KTRAFFIC")]
-static KTRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(TRAFFIC_SLOTS_MAX, 0);
+pub(crate) static KTRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(TRAFFIC_SLOTS_MAX, 0);
 
 /// Written by the daemon only (splice/copy bytes) through a shared mapping
 /// (`BPF_F_MMAPABLE`); declared here so that one object defines every map `ebsocks stats` reads.
@@ -146,7 +146,7 @@ fn dir_from(raw: u32) -> proxy_common::metrics::Direction {
 /// # Safety
 /// `p` must point to a valid, 8-byte aligned u64 in a map value.
 #[inline(always)]
-unsafe fn add(p: *mut u64, v: u64) {
+pub(crate) unsafe fn add(p: *mut u64, v: u64) {
     // SAFETY: guaranteed by the caller. The returned old value is discarded, so LLVM emits the
     // plain BPF_XADD that every kernel accepts (fetching variants need Linux 5.12).
     let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };

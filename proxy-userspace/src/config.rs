@@ -162,6 +162,41 @@ pub struct RunAs {
     pub group: Option<String>,
 }
 
+/// How the XDP program is attached (`udp.xdp_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver has it, generic otherwise.
+    #[default]
+    Auto,
+    /// Native mode only; an interface without it is an error.
+    Native,
+    /// Generic (skb) mode, which every interface has.
+    Generic,
+}
+
+impl XdpMode {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+/// The UDP relay's fast path (`[udp]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// Interfaces the XDP program is attached to; empty: no XDP.
+    pub xdp_interfaces: Vec<String>,
+    /// Attachment mode.
+    pub xdp_mode: XdpMode,
+    /// Whether established flows to literal addresses are forwarded by XDP (otherwise XDP only
+    /// counts and drops early).
+    pub offload: bool,
+}
+
 /// Logging settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogConfig {
@@ -198,6 +233,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// UDP fast path.
+    pub udp: UdpConfig,
     /// Client and request rules.
     pub rules: Arc<Rules>,
     raw_rules: (Vec<RawClientRule>, Vec<RawSocksRule>),
@@ -251,6 +288,7 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     log: Option<RawLog>,
     metrics: Option<RawMetrics>,
+    udp: Option<RawUdp>,
     client_rule: Option<Vec<RawClientRule>>,
     socks_rule: Option<Vec<RawSocksRule>>,
 }
@@ -295,6 +333,14 @@ struct RawTimeouts {
 struct RawMetrics {
     listen: Option<String>,
     allow_remote: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawUdp {
+    xdp_interfaces: Option<Vec<String>>,
+    xdp_mode: Option<String>,
+    offload: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -418,6 +464,7 @@ impl Config {
             timeouts,
             log,
             metrics,
+            udp,
             rules,
             raw_rules,
         } = self;
@@ -471,6 +518,11 @@ impl Config {
                 listen: metrics.listen.map(|a| a.to_string()),
                 allow_remote: Some(metrics.allow_remote),
             }),
+            udp: Some(RawUdp {
+                xdp_interfaces: Some(udp.xdp_interfaces.clone()),
+                xdp_mode: Some(udp.xdp_mode.as_str().to_owned()),
+                offload: Some(udp.offload),
+            }),
             client_rule: (!client_rule.is_empty()).then_some(client_rule),
             socks_rule: (!socks_rule.is_empty()).then_some(socks_rule),
         };
@@ -506,6 +558,7 @@ impl TryFrom<RawConfig> for Config {
             timeouts,
             log,
             metrics,
+            udp,
             client_rule,
             socks_rule,
         } = raw;
@@ -730,6 +783,36 @@ impl TryFrom<RawConfig> for Config {
             user_bandwidth: per_user,
         };
 
+        let RawUdp {
+            xdp_interfaces,
+            xdp_mode,
+            offload,
+        } = udp.unwrap_or_default();
+        let xdp_interfaces = xdp_interfaces.unwrap_or_default();
+        for (i, name) in xdp_interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() >= 16 || name.contains('/') || name.contains(' ') {
+                return Err(invalid(
+                    format!("udp.xdp_interfaces[{i}]"),
+                    format!("{name:?} is not an interface name"),
+                ));
+            }
+        }
+        let udp = UdpConfig {
+            xdp_interfaces,
+            xdp_mode: match xdp_mode.as_deref() {
+                None | Some("auto") => XdpMode::Auto,
+                Some("native") => XdpMode::Native,
+                Some("generic") => XdpMode::Generic,
+                Some(other) => {
+                    return Err(invalid(
+                        "udp.xdp_mode",
+                        format!("{other:?} is not \"auto\", \"native\" or \"generic\""),
+                    ))
+                }
+            },
+            offload: offload.unwrap_or(true),
+        };
+
         let RawLog { level, format } = log.unwrap_or_default();
         let level = level.unwrap_or_else(|| "info".to_owned());
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
@@ -782,6 +865,7 @@ impl TryFrom<RawConfig> for Config {
             timeouts,
             log: LogConfig { level, format },
             metrics,
+            udp,
             rules: Arc::new(rules),
             raw_rules: (client_rule, socks_rule),
         })
@@ -849,6 +933,8 @@ mod tests {
             ("user = \"\"", "user"),
             ("user = \"a b\"", "user"),
             ("group = \"nogroup\"", "group"),
+            ("[udp]\nxdp_mode = \"fast\"", "udp.xdp_mode"),
+            ("[udp]\nxdp_interfaces = [\"a/b\"]", "udp.xdp_interfaces[0]"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
@@ -924,6 +1010,22 @@ mod tests {
         assert_eq!(again.to_toml(), c.to_toml());
         let c = Config::parse("[metrics]\nlisten = \"0.0.0.0:9108\"\nallow_remote = true").unwrap();
         assert_eq!(c.metrics.listen, Some("0.0.0.0:9108".parse().unwrap()));
+    }
+
+    #[test]
+    fn udp_fast_path() {
+        let c = Config::embedded_default();
+        assert!(c.udp.xdp_interfaces.is_empty());
+        assert!(c.udp.offload);
+        let c = Config::parse(
+            "[udp]\nxdp_interfaces = [\"veth0\", \"eth1\"]\nxdp_mode = \"generic\"\noffload = false",
+        )
+        .unwrap();
+        assert_eq!(c.udp.xdp_interfaces, ["veth0", "eth1"]);
+        assert_eq!(c.udp.xdp_mode, XdpMode::Generic);
+        assert!(!c.udp.offload);
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.udp, c.udp);
     }
 
     #[test]

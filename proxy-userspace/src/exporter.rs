@@ -444,6 +444,9 @@ impl Collector for SnapshotCollector {
                 (vec![("reason", "blocked")], c(Counter::UdpDroppedBlocked)),
             ],
         )?;
+        if let Some(x) = &s.xdp {
+            x.encode(&mut enc)?;
+        }
         counter(
             &mut enc,
             "sockmap_brakes",
@@ -555,6 +558,7 @@ mod tests {
                 .collect(),
             counters: Counter::ALL.iter().map(|&c| (c.name(), m.get(c))).collect(),
             histograms: BTreeMap::new(),
+            xdp: None,
             sessions: Vec::new(),
             daemon: None,
         };

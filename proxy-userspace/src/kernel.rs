@@ -297,6 +297,12 @@ impl Kernel {
         })
     }
 
+    /// The loaded object, for the UDP fast path to load and attach its XDP program
+    /// (`udp::xdp::start`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self._ebpf
+    }
+
     /// Whether the maps are pinned (the pin directory is the daemon's, removed on drop).
     pub fn is_pinned(&self) -> bool {
         self.pins.is_some()
@@ -363,7 +369,14 @@ fn pin_maps(ebpf: &Ebpf, dir: &Path) -> io::Result<PinDir> {
     }
     std::fs::create_dir(dir)?;
     let guard = PinDir(dir.to_owned());
-    for name in [KERNEL_TRAFFIC, DAEMON_TRAFFIC, DAEMON_COUNTERS, SESSIONS] {
+    for name in [
+        KERNEL_TRAFFIC,
+        DAEMON_TRAFFIC,
+        DAEMON_COUNTERS,
+        SESSIONS,
+        proxy_common::xdp::IFACE_TRAFFIC,
+        proxy_common::xdp::COUNTERS,
+    ] {
         let map = ebpf
             .map(name)
             .ok_or_else(|| io::Error::other(format!("map {name} missing")))?;

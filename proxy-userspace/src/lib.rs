@@ -61,6 +61,8 @@ pub struct Shared {
     pub kernel: Option<Kernel>,
     /// Whether the sockhash splice passed its start-up probe.
     pub sockmap_ok: bool,
+    /// The XDP UDP fast path, when `udp.xdp_interfaces` is set and it attached.
+    pub xdp: Option<udp::xdp::XdpPlane>,
     /// Pipes for the splice(2) path.
     pub pipes: PipePool,
     /// End-of-stream watcher for spliced sockets.
@@ -286,7 +288,12 @@ pub async fn run(
     let mut config = config;
     opts.overrides.apply(&mut config);
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
-    let (kernel, sockmap_ok) = load_kernel(&config);
+    let (mut kernel, sockmap_ok) = load_kernel(&config);
+    let xdp = udp::xdp::start_configured(kernel.as_mut().map(Kernel::ebpf_mut), &config.udp)
+        .map_err(|source| Error::Io {
+            context: "attaching the XDP UDP fast path",
+            source,
+        })?;
 
     let mut listeners = Vec::new();
     for &addr in &config.listen {
@@ -317,6 +324,7 @@ pub async fn run(
         metrics,
         kernel,
         sockmap_ok,
+        xdp,
         pipes: PipePool::default(),
         watcher,
         auth_failures: FailureTracker::new(),

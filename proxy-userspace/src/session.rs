@@ -1003,6 +1003,8 @@ async fn udp_associate(
         allow: &allow,
         allow_name: &check_name,
         idle: config.timeouts.udp_idle,
+        xdp: shared.xdp.as_ref(),
+        offload: config.udp.offload,
     };
     udp::associate(client, &n.address, &policy)
         .await

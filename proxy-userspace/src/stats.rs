@@ -129,6 +129,9 @@ pub struct Snapshot {
     pub histograms: BTreeMap<&'static str, HistogramRow>,
     /// Live spliced sessions (the kernel's per-socket counters).
     pub sessions: Vec<SessionRow>,
+    /// The XDP UDP fast path's counters, when its maps are pinned (`udp.xdp_interfaces`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<crate::udp::xdp::XdpSnapshot>,
     /// What the daemon said through its control socket, when it could be asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daemon: Option<Info>,
@@ -251,6 +254,7 @@ impl Snapshot {
             traffic,
             counters,
             histograms,
+            xdp: crate::udp::xdp::XdpSnapshot::read(dir),
             sessions: by_id.into_values().collect(),
             daemon: None,
         })
@@ -295,6 +299,10 @@ impl Snapshot {
             traffic,
             counters,
             histograms,
+            xdp: shared
+                .xdp
+                .as_ref()
+                .and_then(|_| crate::udp::xdp::XdpSnapshot::read(&shared.config().pin_dir)),
             sessions: Vec::new(),
             daemon: Some(shared.info()),
         }
@@ -502,6 +510,10 @@ impl Snapshot {
             }
             shown.insert(h.count.name());
             shown.insert(h.sum_us.name());
+        }
+
+        if let Some(x) = &self.xdp {
+            x.write_table(&mut out);
         }
 
         let _ = writeln!(out, "\nOTHER COUNTERS");

@@ -80,6 +80,8 @@ impl Assoc {
                 allow: &*allow,
                 allow_name: &*allow_name,
                 idle,
+                xdp: None,
+                offload: false,
             };
             associate(&mut server, &requested, &policy).await
         });

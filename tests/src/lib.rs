@@ -31,6 +31,7 @@
 pub mod checks;
 pub mod daemon;
 pub mod gate;
+pub mod netns;
 pub mod pattern;
 pub mod procfs;
 pub mod socks;

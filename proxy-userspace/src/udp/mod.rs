@@ -30,6 +30,7 @@
 
 mod batch;
 mod table;
+pub mod xdp;
 
 use std::{io, net::SocketAddr, os::fd::AsFd as _, time::Duration};
 
@@ -61,6 +62,10 @@ pub struct UdpPolicy<'a> {
     pub allow_name: &'a (dyn Fn(&str, u16) -> bool + Send + Sync),
     /// The association ends after this long without a datagram in either direction.
     pub idle: Duration,
+    /// The XDP fast path, when attached: early drops, and offload when `offload` is set.
+    pub xdp: Option<&'a xdp::XdpPlane>,
+    /// Whether flows to literal addresses are handed to XDP (`udp.offload`).
+    pub offload: bool,
 }
 
 /// How an association went, for the session's log line.
@@ -68,7 +73,7 @@ pub struct UdpPolicy<'a> {
 pub struct UdpOutcome {
     /// The relay socket's address, as sent to the client in BND.ADDR/BND.PORT.
     pub relay_addr: SocketAddr,
-    /// Datagrams relayed from the client to targets.
+    /// Datagrams relayed from the client to targets (by the relay socket or by XDP).
     pub up_datagrams: u64,
     /// Payload bytes (SOCKS header excluded) relayed from the client to targets.
     pub up_bytes: u64,
@@ -135,11 +140,17 @@ pub async fn associate(
     .encode(&mut reply);
     control.write_all(&reply).await?;
 
+    let client = Client::new(peer_ip, requested);
+    let assoc_xdp = policy
+        .xdp
+        .and_then(|x| xdp::AssocXdp::register(x, relay_addr, peer_ip, client.port, policy.offload));
     let mut relay = Relay {
         sock,
         v6,
         policy,
-        client: Client::new(peer_ip, requested),
+        xdp: assoc_xdp,
+        xdp_seen: 0,
+        client,
         targets: Targets::default(),
         resolver: Resolver::default(),
         rx,
@@ -148,12 +159,23 @@ pub async fn associate(
         last_active: Instant::now(),
     };
     let end = relay.run(control).await;
+    let fast = relay
+        .xdp
+        .as_ref()
+        .map(xdp::AssocXdp::totals)
+        .unwrap_or_default();
     let Totals {
         up_datagrams,
         up_bytes,
         down_datagrams,
         down_bytes,
     } = relay.totals;
+    let (up_datagrams, up_bytes, down_datagrams, down_bytes) = (
+        up_datagrams + fast.up_datagrams,
+        up_bytes + fast.up_bytes,
+        down_datagrams + fast.down_datagrams,
+        down_bytes + fast.down_bytes,
+    );
     Ok(UdpOutcome {
         relay_addr,
         up_datagrams,
@@ -262,6 +284,10 @@ struct Relay<'p, 'a> {
     /// The socket is IPv6 (dual-stack); IPv4 destinations are written IPv4-mapped.
     v6: bool,
     policy: &'p UdpPolicy<'a>,
+    /// This association's entries in the XDP maps.
+    xdp: Option<xdp::AssocXdp<'a>>,
+    /// XDP's datagram count at the last idle check.
+    xdp_seen: u64,
     client: Client,
     targets: Targets,
     resolver: Resolver,
@@ -287,7 +313,15 @@ impl Relay<'_, '_> {
                     // The timer is moved on lazily, here, rather than on every datagram.
                     let due = self.last_active + self.policy.idle;
                     if Instant::now() >= due {
-                        return END_IDLE;
+                        // Datagrams XDP forwarded never reach the socket: they count too.
+                        let fast = self.xdp.as_ref().map_or(0, xdp::AssocXdp::activity);
+                        if fast == self.xdp_seen {
+                            return END_IDLE;
+                        }
+                        self.xdp_seen = fast;
+                        self.last_active = Instant::now();
+                        idle.as_mut().reset(self.last_active + self.policy.idle);
+                        continue;
                     }
                     idle.as_mut().reset(due);
                 }
@@ -342,6 +376,7 @@ impl Relay<'_, '_> {
             resolver,
             rx,
             tx,
+            xdp,
             ..
         } = self;
         let (v6, metrics) = (*v6, policy.metrics);
@@ -352,6 +387,9 @@ impl Relay<'_, '_> {
             let k = key(source);
             if client.accept(k, source) {
                 active = true;
+                if let Some(x) = xdp.as_mut() {
+                    x.client_port(client.port);
+                }
                 let data = rx.data(i);
                 let parsed = if rx.truncated(i) {
                     None
@@ -366,10 +404,17 @@ impl Relay<'_, '_> {
                     metrics.inc(Counter::UdpDroppedFrag);
                     continue;
                 }
+                let literal = matches!(header.address, Address::Ip(_));
                 let dst = match header.address {
                     Address::Ip(a) => {
                         let a = key(a);
-                        (sendable(a, v6) && (policy.allow)(a)).then_some(a)
+                        let ok = sendable(a, v6) && (policy.allow)(a);
+                        if !ok {
+                            if let Some(x) = xdp.as_mut() {
+                                x.deny(a);
+                            }
+                        }
+                        ok.then_some(a)
                     }
                     Address::Domain(name, port) => {
                         if !(policy.allow_name)(&name, port) {
@@ -396,7 +441,12 @@ impl Relay<'_, '_> {
                     metrics.inc(Counter::UdpDroppedBlocked);
                     continue;
                 };
-                targets.insert(dst);
+                let (new, evicted) = targets.insert(dst);
+                if let Some(x) = xdp.as_mut() {
+                    if new || literal {
+                        x.target(dst, literal, evicted);
+                    }
+                }
                 tx.push(dst, v6, None, rx.range_from(i, header_len), Direction::Up);
             } else if targets.contains(&k) {
                 active = true;
@@ -461,7 +511,12 @@ impl Relay<'_, '_> {
                 self.policy.metrics.inc(Counter::UdpDroppedBlocked);
                 continue;
             };
-            self.targets.insert(dst);
+            let (new, evicted) = self.targets.insert(dst);
+            if let Some(x) = self.xdp.as_mut() {
+                if new {
+                    x.target(dst, false, evicted);
+                }
+            }
             let to = match (dst, self.v6) {
                 (SocketAddr::V4(a), true) => {
                     SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())

@@ -47,18 +47,22 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Remembers `target` (a [`key`]), forgetting the oldest one when full.
-    pub fn insert(&mut self, target: SocketAddr) {
+    /// Remembers `target` (a [`key`]), forgetting the oldest one when full. Returns whether
+    /// it is new and which one was forgotten, so that the XDP peer map can follow.
+    pub fn insert(&mut self, target: SocketAddr) -> (bool, Option<SocketAddr>) {
         if self.set.contains(&target) {
-            return;
+            return (false, None);
         }
+        let mut evicted = None;
         if self.order.len() >= MAX_TARGETS {
             if let Some(old) = self.order.pop_front() {
                 self.set.remove(&old);
+                evicted = Some(old);
             }
         }
         self.set.insert(target);
         self.order.push_back(target);
+        (true, evicted)
     }
 
     /// Whether `source` (a [`key`]) is a target the client has sent to.
