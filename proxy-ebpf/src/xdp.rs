@@ -83,7 +83,30 @@ const ATYP_IPV6: u8 = 4;
 /// Hop limit of the datagrams the program sends: they leave the proxy as its own.
 const TTL: u8 = 64;
 /// Whether offloaded flows are rewritten and transmitted here.
-const OFFLOAD: bool = false;
+const OFFLOAD: bool = true;
+/// `udp` found an offloaded client -> target datagram; `PENDING` holds what `up_v4` needs.
+const NEXT_UP: u32 = 0x100;
+/// `udp` found an offloaded target -> client datagram; see `down_v4`.
+const NEXT_DOWN: u32 = 0x101;
+
+/// What the sorting stage hands to the rewrite stage. The two run as separate BPF functions
+/// called one after the other from the entry point, so that their stack frames are not on
+/// one call chain (the BPF stack limit is 512 bytes for the whole chain).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    ip: [u8; 20],
+    udp: [u8; UDP_LEN],
+    payload: u32,
+    key: PeerKey,
+    client_addr: [u8; 16],
+    client_port: u16,
+    _pad: [u8; 2],
+}
+
+/// One [`Pending`] per CPU (XDP runs to completion on one CPU).
+#[map(name = "EBSOCKS_XPEND")]
+static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn ebsocks_xdp(ctx: XdpContext) -> u32 {
@@ -171,7 +194,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     };
     count_frame(proto, IfaceDir::Rx, len);
     match l4 {
-        Ok((IPPROTO_UDP, 4)) => udp::<20, 4>(ctx),
+        Ok((IPPROTO_UDP, 4)) => match udp::<20, 4>(ctx) {
+            Ok(NEXT_UP) => Ok(up_v4(ctx)),
+            Ok(NEXT_DOWN) => Ok(down_v4(ctx)),
+            other => other,
+        },
         Ok((IPPROTO_UDP, 6)) => udp::<40, 16>(ctx),
         _ => Ok(XDP_PASS),
     }
@@ -301,7 +328,8 @@ fn udp<const IPH: usize, const AL: usize>(ctx: &XdpContext) -> Result<u32, u32> 
     match PEERS.get_ptr_mut(&key) {
         // SAFETY: the value stays valid for this run; flags are written by the daemon only.
         Some(peer) if unsafe { (*peer).flags } & PEER_OFFLOAD != 0 => {
-            Ok(down::<IPH, AL>(ctx, &dg, &key, &relay, peer))
+            let _ = peer;
+            pend_down::<IPH, AL>(&dg, &key, &relay)
         }
         Some(_) => {
             count(XdpCounter::PassNoFlow);
@@ -349,7 +377,8 @@ fn from_client<const IPH: usize, const AL: usize>(
                 port: u16::from_ne_bytes([h[8], h[9]]),
                 _pad: [0; 2],
             };
-            Ok(up::<IPH, AL, 10>(ctx, dg, &key, &h))
+            let _ = h;
+            Ok(up::<IPH, AL, 10>(dg, &key))
         }
         ATYP_IPV6 => {
             if dg.payload < 22 {
@@ -367,7 +396,8 @@ fn from_client<const IPH: usize, const AL: usize>(
                 port: u16::from_ne_bytes([h[20], h[21]]),
                 _pad: [0; 2],
             };
-            Ok(up::<IPH, AL, 22>(ctx, dg, &key, &h))
+            let _ = h;
+            Ok(up::<IPH, AL, 22>(dg, &key))
         }
         ATYP_DOMAIN => {
             let n = match read::<5>(ctx, at) {
@@ -564,48 +594,107 @@ fn csum_with_new<const AL: usize>(
     csum::add(sum, l)
 }
 
-/// Client -> target: strip the `H`-byte SOCKS header and send the payload from the relay
-/// socket's address to the target.
+/// Client -> target: the checks of the sorting stage; an offloaded IPv4 flow is handed to
+/// [`up_v4`] through [`PENDING`].
 #[inline(always)]
-fn up<const IPH: usize, const AL: usize, const H: usize>(
-    ctx: &XdpContext,
+fn up<const IPH: usize, const AL: usize, const H: usize>(dg: &Datagram<IPH>, key: &PeerKey) -> u32 {
+    // SAFETY: the daemon replaces DENY entries whole.
+    if unsafe { DENY.get(key) }.is_some() {
+        count(XdpCounter::DropBlocked);
+        return XDP_DROP;
+    }
+    let Some(peer) = PEERS.get_ptr_mut(key) else {
+        count(XdpCounter::PassNoFlow);
+        return XDP_PASS;
+    };
+    // SAFETY: flags are written by the daemon only.
+    let flags = unsafe { (*peer).flags };
+    // IPv4 to an IPv4 target named by an IPv4 header only: IPv6 and IPv4 <-> IPv6 stay with
+    // the relay.
+    if !OFFLOAD || AL != 4 || H != 10 || flags & PEER_OFFLOAD == 0 || !is_v4(&key.addr) {
+        count(XdpCounter::PassNoFlow);
+        return XDP_PASS;
+    }
+    let Some(p) = PENDING.get_ptr_mut(0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: per-CPU value, only this program run uses it.
+    unsafe {
+        let mut i = 0;
+        while i < 20 {
+            (*p).ip[i] = dg.ip[i];
+            i += 1;
+        }
+        (*p).udp = dg.udp;
+        (*p).payload = dg.payload as u32;
+        (*p).key = *key;
+    }
+    NEXT_UP
+}
+
+#[inline(always)]
+fn pend_down<const IPH: usize, const AL: usize>(
     dg: &Datagram<IPH>,
     key: &PeerKey,
-    header: &[u8; H],
-) -> u32 {
-    match try_up::<IPH, AL, H>(ctx, dg, key, header) {
+    relay: &Relay,
+) -> Result<u32, u32> {
+    if !OFFLOAD || AL != 4 || !is_v4(&key.addr) || !is_v4(&relay.client_addr) {
+        count(XdpCounter::PassNoFlow);
+        return Ok(XDP_PASS);
+    }
+    let Some(p) = PENDING.get_ptr_mut(0) else {
+        return Ok(XDP_PASS);
+    };
+    // SAFETY: per-CPU value, only this program run uses it.
+    unsafe {
+        let mut i = 0;
+        while i < 20 {
+            (*p).ip[i] = dg.ip[i];
+            i += 1;
+        }
+        (*p).udp = dg.udp;
+        (*p).payload = dg.payload as u32;
+        (*p).key = *key;
+        (*p).client_addr = relay.client_addr;
+        (*p).client_port = relay.client_port;
+    }
+    Ok(NEXT_DOWN)
+}
+
+/// The rewrite stage of client -> target (IPv4): strip the 10-byte SOCKS header and send the
+/// payload from the relay socket's address to the target.
+#[inline(never)]
+fn up_v4(ctx: &XdpContext) -> u32 {
+    match try_up_v4(ctx) {
         Ok(a) | Err(a) => a,
     }
 }
 
 #[inline(always)]
-fn try_up<const IPH: usize, const AL: usize, const H: usize>(
-    ctx: &XdpContext,
-    dg: &Datagram<IPH>,
-    key: &PeerKey,
-    header: &[u8; H],
-) -> Result<u32, u32> {
-    // SAFETY: the daemon replaces DENY entries whole.
-    if unsafe { DENY.get(key) }.is_some() {
-        count(XdpCounter::DropBlocked);
-        return Ok(XDP_DROP);
-    }
-    let Some(peer) = PEERS.get_ptr_mut(key) else {
-        count(XdpCounter::PassNoFlow);
-        return Ok(XDP_PASS);
+fn try_up_v4(ctx: &XdpContext) -> Result<u32, u32> {
+    const IPH: usize = 20;
+    const AL: usize = 4;
+    const H: usize = 10;
+    let p = PENDING.get_ptr(0).ok_or(XDP_PASS)?;
+    // SAFETY: per-CPU value written by the sorting stage of this run.
+    let (dg, key) = unsafe {
+        (
+            Datagram::<IPH> {
+                ip: (*p).ip,
+                udp: (*p).udp,
+                payload: (*p).payload as usize,
+            },
+            (*p).key,
+        )
     };
-    // The rewrite does not fit the BPF stack limit yet: offloaded flows stay with the relay.
-    if !OFFLOAD || AL != 4 {
-        count(XdpCounter::PassNoFlow);
+    let peer = PEERS.get_ptr_mut(&key).ok_or(XDP_PASS)?;
+    if dg.payload < H {
         return Ok(XDP_PASS);
     }
-    // SAFETY: flags are written by the daemon only.
-    let flags = unsafe { (*peer).flags };
-    // Same family in and out only: the relay handles IPv4 <-> IPv6.
-    if flags & PEER_OFFLOAD == 0 || is_v4(&key.addr) != (AL == 4) {
-        count(XdpCounter::PassNoFlow);
-        return Ok(XDP_PASS);
-    }
+    let header = read::<H>(ctx, ETH_LEN + IPH + UDP_LEN)?;
+    let dg = &dg;
+    let key = &key;
+    let header = &header;
     let payload = dg.payload - H;
     let udp_len = UDP_LEN + payload;
     let src = key.relay.addr;
@@ -657,58 +746,45 @@ fn try_up<const IPH: usize, const AL: usize, const H: usize>(
     Ok(action)
 }
 
-/// Target -> client: put the SOCKS header naming the target in front of the payload and send it
-/// from the relay socket's address to the client.
-#[inline(always)]
-fn down<const IPH: usize, const AL: usize>(
-    ctx: &XdpContext,
-    dg: &Datagram<IPH>,
-    key: &PeerKey,
-    relay: &Relay,
-    peer: *mut Peer,
-) -> u32 {
-    match try_down::<IPH, AL>(ctx, dg, key, relay, peer) {
+/// The rewrite stage of target -> client (IPv4): put the SOCKS header naming the target in
+/// front of the payload and send it from the relay socket's address to the client.
+#[inline(never)]
+fn down_v4(ctx: &XdpContext) -> u32 {
+    match try_down_v4(ctx) {
         Ok(a) | Err(a) => a,
     }
 }
 
 #[inline(always)]
-fn try_down<const IPH: usize, const AL: usize>(
-    ctx: &XdpContext,
-    dg: &Datagram<IPH>,
-    key: &PeerKey,
-    relay: &Relay,
-    peer: *mut Peer,
-) -> Result<u32, u32> {
-    // IPv4 only for now; see `try_up`.
-    if !OFFLOAD || AL != 4 || !is_v4(&key.addr) || !is_v4(&relay.client_addr) {
-        count(XdpCounter::PassNoFlow);
-        return Ok(XDP_PASS);
-    }
-    if AL == 4 {
-        let mut h = [0u8; 10];
-        h[3] = ATYP_IPV4;
-        h[4] = key.addr[12];
-        h[5] = key.addr[13];
-        h[6] = key.addr[14];
-        h[7] = key.addr[15];
-        let p = key.port.to_ne_bytes();
-        h[8] = p[0];
-        h[9] = p[1];
-        down_with::<IPH, AL, 10>(ctx, dg, key, relay, peer, &h)
-    } else {
-        let mut h = [0u8; 22];
-        h[3] = ATYP_IPV6;
-        let mut i = 0;
-        while i < 16 {
-            h[4 + i] = key.addr[i];
-            i += 1;
-        }
-        let p = key.port.to_ne_bytes();
-        h[20] = p[0];
-        h[21] = p[1];
-        down_with::<IPH, AL, 22>(ctx, dg, key, relay, peer, &h)
-    }
+fn try_down_v4(ctx: &XdpContext) -> Result<u32, u32> {
+    let p = PENDING.get_ptr(0).ok_or(XDP_PASS)?;
+    // SAFETY: per-CPU value written by the sorting stage of this run.
+    let (dg, key, relay) = unsafe {
+        (
+            Datagram::<20> {
+                ip: (*p).ip,
+                udp: (*p).udp,
+                payload: (*p).payload as usize,
+            },
+            (*p).key,
+            Relay {
+                client_addr: (*p).client_addr,
+                client_port: (*p).client_port,
+                flags: 0,
+            },
+        )
+    };
+    let peer = PEERS.get_ptr_mut(&key).ok_or(XDP_PASS)?;
+    let mut h = [0u8; 10];
+    h[3] = ATYP_IPV4;
+    h[4] = key.addr[12];
+    h[5] = key.addr[13];
+    h[6] = key.addr[14];
+    h[7] = key.addr[15];
+    let port = key.port.to_ne_bytes();
+    h[8] = port[0];
+    h[9] = port[1];
+    down_with::<20, 4, 10>(ctx, &dg, &key, &relay, peer, &h)
 }
 
 #[inline(always)]
