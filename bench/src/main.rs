@@ -7,6 +7,7 @@ mod report;
 mod socks;
 mod subjects;
 mod targets;
+mod udp;
 mod workloads;
 
 use std::path::PathBuf;
@@ -69,6 +70,11 @@ struct Cli {
     /// Keep the working directory (server logs, generated configs)
     #[arg(long)]
     keep_logs: bool,
+    /// Also measure 512-byte UDP datagrams through the relay (userspace only vs XDP offload)
+    /// against a direct send, in a network-namespace topology; `--workloads none` runs only
+    /// this
+    #[arg(long)]
+    udp: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -151,7 +157,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         bail!("--repeat must be between 1 and 100");
     }
     let workloads = parse_workloads(&cli.workloads)?;
-    if workloads.is_empty() {
+    if workloads.is_empty() && !cli.udp {
         bail!("no workload selected");
     }
     let paths = split_list(&cli.paths);
@@ -362,7 +368,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         results,
     };
     report.compute_ratios();
-    let md = report.markdown(&workloads);
+    let mut md = report.markdown(&workloads);
+    if cli.udp && !was_interrupted {
+        eprintln!("UDP: building the netns topology");
+        match udp::run(&ebsocks, &workdir, cli.seconds, cli.repeat) {
+            Ok((section, _)) => md.push_str(&section),
+            Err(e) => md.push_str(&format!("\n## UDP\n\nnot measured: {e:#}\n")),
+        }
+    }
     print!("{md}");
     if let Some(f) = &cli.markdown {
         std::fs::write(f, &md).with_context(|| format!("write {}", f.display()))?;
