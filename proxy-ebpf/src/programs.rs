@@ -46,7 +46,8 @@ static SESSIONS: HashMap<u64, SessionTraffic> = HashMap::with_max_entries(SESSIO
 
 /// Bytes and skbs per traffic slot, per CPU.
 #[map(name = "EBSOCKS_KTRAFFIC")]
-pub(crate) static KTRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(TRAFFIC_SLOTS_MAX, 0);
+pub(crate) static KTRAFFIC: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(TRAFFIC_SLOTS_MAX, 0);
 
 /// Written by the daemon only (splice/copy bytes) through a shared mapping
 /// (`BPF_F_MMAPABLE`); declared here so that one object defines every map `ebsocks stats` reads.
