@@ -140,16 +140,6 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
-/// `TCP_WINDOW_CLAMP`: the largest receive window the socket advertises.
-pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
-    getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
-}
-
-/// Sets `TCP_WINDOW_CLAMP`. Lowering it never retracts a window already advertised.
-pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
-}
-
 /// `SO_LINGER` with a zero timeout: the next `close()` sends RST instead of FIN.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
     let lg = libc::linger {

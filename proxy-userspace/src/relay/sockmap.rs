@@ -160,7 +160,6 @@ pub async fn relay(
                     checkpoint: consumed.forwarded + BRAKE_STEP,
                     ..Default::default()
                 }),
-                clamped: Mutex::new(None),
             };
             let down_dir = Dir {
                 sm,
@@ -175,7 +174,6 @@ pub async fn relay(
                     checkpoint: BRAKE_STEP,
                     ..Default::default()
                 }),
-                clamped: Mutex::new(None),
             };
             let up = up_dir.run(shared);
             let down = async {
@@ -263,8 +261,6 @@ struct Dir<'a> {
     sent0_dst: u64,
     /// The brake settings last given to the kernel.
     control: Mutex<BrakeControl>,
-    /// The source's own `TCP_WINDOW_CLAMP` while the daemon narrows it.
-    clamped: Mutex<Option<libc::c_int>>,
 }
 
 impl Dir<'_> {
@@ -333,37 +329,10 @@ impl Dir<'_> {
         Ok(())
     }
 
-    /// Narrows the source's window to `bytes`, remembering its own clamp the first time.
-    fn clamp_window(&self, bytes: libc::c_int) {
-        let mut clamped = self.clamped.lock().expect("clamp lock");
-        if clamped.is_none() {
-            match sys::window_clamp(self.src.as_fd()) {
-                Ok(own) => *clamped = Some(own),
-                Err(_) => return,
-            }
-        }
-        let _ = sys::set_window_clamp(self.src.as_fd(), bytes);
-    }
-
-    /// Gives the source its own window clamp back.
-    fn unclamp_window(&self) {
-        if let Some(own) = self.clamped.lock().expect("clamp lock").take() {
-            let _ = sys::set_window_clamp(self.src.as_fd(), own);
-        }
-    }
-
     /// The source reached its checkpoint: brake it while the peer is too far behind.
     async fn brake(&self, shared: &Shared) -> io::Result<()> {
         let (backlog, total) = self.backlog()?;
         if backlog < BRAKE_HIGH {
-            // Halfway to a brake, narrow the window a little (a window never shrinks at once:
-            // it takes a while to come down), so that a brake holds little; lift it again once
-            // the peer caught up.
-            if backlog >= BRAKE_HIGH / 2 {
-                self.clamp_window(APPROACH_WINDOW);
-            } else if backlog < BRAKE_LOW {
-                self.unclamp_window();
-            }
             return self.set_control(BrakeControl {
                 checkpoint: total + BRAKE_STEP,
                 ..self.control()
@@ -375,23 +344,15 @@ impl Dir<'_> {
             ..self.control()
         })?;
         shared.metrics.inc(Counter::SockmapBrakes);
-        // Held bytes are moved by the daemon itself, and until they are all gone new ones are
-        // held behind them. A narrow window keeps both small: once the window already
-        // advertised is used up, the sender gets a few segments at a time.
-        self.clamp_window(BRAKE_WINDOW);
-        let res = async {
-            self.wait_backlog_below(BRAKE_LOW).await?;
-            let (_, total) = self.backlog()?;
-            self.set_control(BrakeControl {
-                checkpoint: total + BRAKE_STEP,
-                braked: 0,
-                ..self.control()
-            })?;
-            self.flush(shared).await
-        }
-        .await;
-        self.unclamp_window();
-        res
+        self.wait_backlog_below(BRAKE_LOW).await?;
+        let (_, total) = self.backlog()?;
+        self.set_control(BrakeControl {
+            checkpoint: total + BRAKE_STEP,
+            braked: 0,
+            ..self.control()
+        })?;
+        // Held bytes go to the peer through the daemon; new ones queue behind them meanwhile.
+        self.flush(shared).await
     }
 
     /// Moves the bytes the verdict passed to the source (while braked) to the destination, in
@@ -447,11 +408,6 @@ impl Dir<'_> {
         }
     }
 }
-
-/// Receive window of a braked source until its held bytes are gone.
-const BRAKE_WINDOW: libc::c_int = 4096;
-/// Receive window of a source whose peer is halfway to a brake.
-const APPROACH_WINDOW: libc::c_int = 256 * 1024;
 
 /// Largest read while moving passed bytes.
 const FLUSH_CHUNK: usize = 256 * 1024;
