@@ -30,6 +30,7 @@
 
 pub mod checks;
 pub mod daemon;
+pub mod dgram;
 pub mod gate;
 pub mod netns;
 pub mod pattern;

@@ -9,19 +9,15 @@ use std::{
     time::Duration,
 };
 
+use proxy_integration::dgram::{assert_quiet, recv, recv_from};
 use proxy_integration::{
     checks::{wait_counter, wait_gauge, STATS_SETTLE},
     poll_until, require_privileged, skip_or_panic,
     socks::{self, parse_udp_datagram, udp_datagram, Target},
-    wait_closed, within, Daemon, DaemonOpts, Pattern,
+    wait_closed, Daemon, DaemonOpts, Pattern,
 };
 use rstest::rstest;
 use tokio::net::{TcpStream, UdpSocket};
-
-/// Bound for one datagram to arrive (loopback: immediate, unless dropped).
-const DGRAM_LIMIT: Duration = Duration::from_secs(5);
-/// How long to wait to be confident a datagram was dropped.
-const QUIET: Duration = Duration::from_millis(500);
 
 fn ipv6_loopback() -> bool {
     std::net::UdpSocket::bind("[::1]:0").is_ok() && std::net::TcpListener::bind("[::1]:0").is_ok()
@@ -60,33 +56,6 @@ async fn associate(proxy: SocketAddr, client_bind: &str) -> Assoc {
     );
     udp.connect(relay).await.expect("connect to the relay");
     Assoc { ctl, relay, udp }
-}
-
-async fn recv_from(sock: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 65_536];
-    let (n, from) = within(DGRAM_LIMIT, what, sock.recv_from(&mut buf))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    buf.truncate(n);
-    (buf, from)
-}
-
-async fn recv(sock: &UdpSocket, what: &str) -> Vec<u8> {
-    let mut buf = vec![0u8; 65_536];
-    let n = within(DGRAM_LIMIT, what, sock.recv(&mut buf))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    buf.truncate(n);
-    buf
-}
-
-/// Fails if `sock` receives anything within [`QUIET`].
-async fn assert_quiet(sock: &UdpSocket, what: &str) {
-    let mut buf = vec![0u8; 65_536];
-    if let Ok(r) = tokio::time::timeout(QUIET, sock.recv_from(&mut buf)).await {
-        let got = r.map(|(n, from)| (buf[..n].to_vec(), from));
-        panic!("{what}: expected nothing, got {got:?}");
-    }
 }
 
 /// Client -> relay -> target and back for one payload pair; checks headers and payloads.

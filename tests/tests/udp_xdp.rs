@@ -5,22 +5,18 @@
 //! namespace's `Udp: InDatagrams` (every datagram delivered to a UDP socket there) and the
 //! `udp/relay` traffic rows do not.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
+use proxy_integration::dgram::{assert_quiet, recv_from};
 use proxy_integration::{
     checks::{wait_gauge, STATS_SETTLE},
     netns::{self, udp_in_datagrams, Topology},
     poll_until, require_privileged, skip_or_panic,
     socks::{self, parse_udp_datagram, udp_datagram, Auth, Target},
-    within, Daemon, DaemonOpts, DataPath, Pattern, Stats,
+    Daemon, DaemonOpts, DataPath, Pattern, Stats,
 };
 use rstest::rstest;
 use tokio::net::{TcpStream, UdpSocket};
-
-/// Bound for one datagram to arrive.
-const DGRAM_LIMIT: Duration = Duration::from_secs(5);
-/// How long to wait to be confident a datagram was dropped.
-const QUIET: Duration = Duration::from_millis(500);
 
 fn gate(feature: &str) -> bool {
     if !require_privileged(feature) {
@@ -74,22 +70,6 @@ async fn associate(t: &Topology, proxy: SocketAddr, v6: bool) -> Assoc {
         _ctl: ctl,
         relay,
         udp,
-    }
-}
-
-async fn recv_from(sock: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
-    let mut buf = vec![0u8; 65_536];
-    let (n, from) = within(DGRAM_LIMIT, what, sock.recv_from(&mut buf))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    buf.truncate(n);
-    (buf, from)
-}
-
-async fn assert_quiet(sock: &UdpSocket, what: &str) {
-    let mut buf = vec![0u8; 65_536];
-    if let Ok(r) = tokio::time::timeout(QUIET, sock.recv_from(&mut buf)).await {
-        panic!("{what}: expected nothing, got {r:?}");
     }
 }
 
