@@ -430,11 +430,13 @@ pub mod metrics {
         DnsLatencySumUs = 90,
         /// Bytes a brake held on a spliced socket that the daemon then moved to the peer itself.
         SockmapBrakeBytes = 91,
+        /// Sessions that began on splice(2) under `auto` and moved to the sockhash.
+        SessionsPromoted = 92,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 92] = [
+        pub const ALL: [Self; 93] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -527,6 +529,7 @@ pub mod metrics {
             Self::DnsLatencyCount,
             Self::DnsLatencySumUs,
             Self::SockmapBrakeBytes,
+            Self::SessionsPromoted,
         ];
 
         /// Name used in stats output.
@@ -555,6 +558,7 @@ pub mod metrics {
                 Self::BindsTotal => "binds_total",
                 Self::SockmapBrakes => "sockmap_brakes",
                 Self::SockmapBrakeBytes => "sockmap_brake_bytes",
+                Self::SessionsPromoted => "sessions_promoted",
                 Self::SessionsCreatedConnect => "sessions_created_connect",
                 Self::SessionsCreatedBind => "sessions_created_bind",
                 Self::SessionsCreatedUdp => "sessions_created_udp_associate",

@@ -494,7 +494,10 @@ impl Collector for SnapshotCollector {
                 "Distinct client addresses with a session open now.",
                 None,
                 MetricType::Gauge,
-                &[(Vec::<(&str, String)>::new(), ConstGauge::new(i64::try_from(a.clients_active).unwrap_or(i64::MAX)))],
+                &[(
+                    Vec::<(&str, String)>::new(),
+                    ConstGauge::new(i64::try_from(a.clients_active).unwrap_or(i64::MAX)),
+                )],
             )?;
         }
         counter(
@@ -502,6 +505,12 @@ impl Collector for SnapshotCollector {
             "sockmap_brake_bytes",
             "Bytes a brake held on a spliced socket that the daemon then moved to the peer itself.",
             s.counter(Counter::SockmapBrakeBytes),
+        )?;
+        counter(
+            &mut enc,
+            "relay_promotions",
+            "Sessions that began on splice(2) under data_path auto and moved to the in-kernel path.",
+            s.counter(Counter::SessionsPromoted),
         )?;
 
         for (name, help) in [

@@ -423,15 +423,17 @@ impl Sockmap {
     /// Call it after the daemon has written everything it owes each socket (the SOCKS reply to
     /// the client, pipelined bytes to the upstream) and has stopped reading from both.
     ///
-    /// `forwarded_up` is payload the daemon already sent to the upstream itself; it starts the
-    /// client socket's counter so that the per-session figure covers every payload byte.
+    /// `forwarded` is payload the daemon already sent itself, `(to the upstream, to the
+    /// client)`; it starts the sockets' counters so that the per-session figures cover every
+    /// payload byte.
     pub fn splice(
         &self,
         session_id: u64,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
-        forwarded_up: u64,
+        forwarded: (u64, u64),
     ) -> Result<SplicedPair, SpliceError> {
+        let (forwarded_up, forwarded_down) = forwarded;
         let io_err = |context| move |source| SpliceError { context, source };
         let c = sys::socket_cookie(client).map_err(io_err("reading the client socket cookie"))?;
         let u =
@@ -450,7 +452,11 @@ impl Sockmap {
             };
             s.insert(c, up, 0)
                 .map_err(map_io("adding the client counters"))?;
-            if let Err(e) = s.insert(u, entry(Direction::Down), 0) {
+            let down = SessionTraffic {
+                bytes: forwarded_down,
+                ..entry(Direction::Down)
+            };
+            if let Err(e) = s.insert(u, down, 0) {
                 let _ = s.remove(&c);
                 return Err(map_io("adding the upstream counters")(e));
             }
@@ -466,7 +472,10 @@ impl Sockmap {
         {
             let mut st = self.brake_state.lock().expect("brake state lock");
             let mut b = self.brakes.lock().expect("brakes lock");
-            for (cookie, checkpoint) in [(c, forwarded_up + BRAKE_STEP), (u, BRAKE_STEP)] {
+            for (cookie, checkpoint) in [
+                (c, forwarded_up + BRAKE_STEP),
+                (u, forwarded_down + BRAKE_STEP),
+            ] {
                 if st.insert(cookie, BrakeState::default(), 0).is_ok() {
                     let _ = b.insert(
                         cookie,
@@ -634,7 +643,12 @@ fn probe(sockmap: &Sockmap) -> io::Result<()> {
     client.write_all(&MSG[..4])?;
     std::thread::sleep(Duration::from_millis(5));
     let pair = sockmap
-        .splice(0, proxy_client_side.as_fd(), proxy_target_side.as_fd(), 0)
+        .splice(
+            0,
+            proxy_client_side.as_fd(),
+            proxy_target_side.as_fd(),
+            (0, 0),
+        )
         .map_err(io::Error::other)?;
     client.write_all(&MSG[4..])?;
     target.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -666,7 +680,7 @@ mod tests {
         let (mut pa, _) = l.accept().unwrap();
         let mut b = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut pb, _) = l.accept().unwrap();
-        let pair = sm.splice(1, pa.as_fd(), pb.as_fd(), 0).unwrap();
+        let pair = sm.splice(1, pa.as_fd(), pb.as_fd(), (0, 0)).unwrap();
         let c = pair.client_cookie;
         b.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();

@@ -297,7 +297,7 @@ impl Ending {
         );
         match served {
             Served::Relayed(o) => {
-                let (path, up, down) = (o.path.name(), o.up, o.down);
+                let (path, up, down) = (o.path_name(), o.up, o.down);
                 match o.end {
                     End::Eof => {
                         tracing::info!(session = id, client = %peer, target, user, rule, command, path, up, down, secs, end = "eof", "session closed");
@@ -793,6 +793,7 @@ async fn serve(
     let consumed = Consumed {
         from_client: n.read_total,
         forwarded: n.leftover.len() as u64,
+        ..Consumed::default()
     };
     Ok(Served::Relayed(
         relay::relay(shared, session, config, id, client, upstream, consumed).await,

@@ -55,6 +55,7 @@ pub async fn relay(
         up: up.load(Relaxed),
         down: down.load(Relaxed),
         end,
+        promoted: false,
     }
 }
 

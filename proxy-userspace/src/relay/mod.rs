@@ -9,11 +9,11 @@ pub mod watch;
 
 use std::{
     io,
-    sync::Arc,
+    sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant},
 };
 
-use proxy_common::metrics::{Counter, DataPath};
+use proxy_common::metrics::{Counter, DataPath, Direction};
 use tokio::net::TcpStream;
 
 use crate::{
@@ -25,7 +25,7 @@ use crate::{
 /// What a finished relay did.
 #[derive(Debug)]
 pub struct Outcome {
-    /// The path that carried the session.
+    /// The path that carried the session (at its end).
     pub path: DataPath,
     /// Payload bytes client -> target (after the negotiation).
     pub up: u64,
@@ -33,6 +33,19 @@ pub struct Outcome {
     pub down: u64,
     /// Why it ended: `eof` (both sides closed), or the error.
     pub end: End,
+    /// The session began on splice(2) and was promoted to the in-kernel path (`auto`).
+    pub promoted: bool,
+}
+
+impl Outcome {
+    /// The path for the session's log line: `splice>sockmap` for a promoted session.
+    pub fn path_name(&self) -> &'static str {
+        if self.promoted {
+            "splice>sockmap"
+        } else {
+            self.path.name()
+        }
+    }
 }
 
 /// How a relay ended.
@@ -52,14 +65,26 @@ pub enum End {
 /// sockmap path needs them to know when the kernel has forwarded everything.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Consumed {
-    /// Bytes the daemon read from the client socket (negotiation and pipelined payload).
+    /// Bytes the daemon read from the client socket (negotiation and payload).
     pub from_client: u64,
+    /// Bytes the daemon read from the upstream socket (payload, on an earlier path).
+    pub from_upstream: u64,
     /// Payload bytes the daemon already wrote to the upstream (what the client pipelined behind
-    /// its request). Counted as the session's first payload on whichever path it takes.
+    /// its request, and what an earlier path moved). Counted as the session's first payload on
+    /// whichever path it takes.
     pub forwarded: u64,
+    /// Payload bytes the daemon already wrote to the client.
+    pub forwarded_down: u64,
+    /// Of `forwarded`, the bytes already in an earlier path's traffic figures.
+    pub counted_up: u64,
+    /// Of `forwarded_down`, the bytes already in an earlier path's traffic figures.
+    pub counted_down: u64,
 }
 
 /// Relays until both directions are closed, on the configured path, falling back per session.
+///
+/// `auto` starts on splice(2) and promotes the session to the sockhash once it looks
+/// interactive or idle (see [`splice::Promotion`]); `sockmap` goes to the sockhash at once.
 pub async fn relay(
     shared: &Shared,
     session: &SessionHandle<'_>,
@@ -69,37 +94,37 @@ pub async fn relay(
     upstream: TcpStream,
     consumed: Consumed,
 ) -> Outcome {
-    let want_sockmap = matches!(config.data_path, DataPathMode::Auto | DataPathMode::Sockmap);
     let idle = config.timeouts.idle;
-    let (client, upstream) = match (want_sockmap, shared.sockmap()) {
-        (true, Some(sm)) => {
-            // The sockets keep their descriptors when they leave the reactor, so the registry can
-            // read their TCP_INFO; the byte counts are the kernel's per-socket counters.
-            session.relaying(DataPath::Sockmap, &client, &upstream, None, 0);
-            match sockmap::relay(shared, sm, session_id, client, upstream, consumed, idle).await {
+    let sockmap = shared.sockmap();
+    let (client, upstream, consumed) = match (config.data_path, sockmap) {
+        (DataPathMode::Sockmap, Some(_)) => {
+            match to_sockmap(
+                shared, session, session_id, client, upstream, consumed, idle,
+            )
+            .await
+            {
                 Ok(outcome) => return outcome,
-                Err(fallback) => {
-                    shared.metrics.inc(Counter::SessionsFallback);
-                    tracing::debug!(session = session_id, cause = %fallback.error, "sockmap splice refused, falling back to splice(2)");
-                    (fallback.client, fallback.upstream)
-                }
+                Err(f) => f,
             }
         }
-        _ => (client, upstream),
+        _ => (client, upstream, consumed),
     };
     let path = if config.data_path == DataPathMode::Copy {
         DataPath::Copy
     } else {
         DataPath::Splice
     };
-    if consumed.forwarded > 0 {
-        shared.metrics.add_traffic(
-            path,
-            proxy_common::metrics::Direction::Up,
-            consumed.forwarded,
-        );
+    let uncounted = (
+        consumed.forwarded - consumed.counted_up,
+        consumed.forwarded_down - consumed.counted_down,
+    );
+    for (dir, n) in [(Direction::Up, uncounted.0), (Direction::Down, uncounted.1)] {
+        if n > 0 {
+            shared.metrics.add_traffic(path, dir, n);
+        }
     }
     let bytes = Arc::new(ByteCounters::default());
+    bytes.down.store(consumed.forwarded_down, Relaxed);
     session.relaying(
         path,
         &client,
@@ -107,12 +132,87 @@ pub async fn relay(
         Some(bytes.clone()),
         consumed.forwarded,
     );
+    let promotion = match (config.data_path, sockmap) {
+        (DataPathMode::Auto, Some(_)) => Some(splice::Promotion::default()),
+        _ => None,
+    };
     let mut outcome = match path {
         DataPath::Copy => copy::relay(shared, client, upstream, idle, &bytes).await,
-        _ => splice::relay(shared, client, upstream, idle, &bytes).await,
+        _ => {
+            match splice::relay(shared, client, upstream, idle, &bytes, promotion.as_ref()).await {
+                splice::Spliced::Done(outcome) => outcome,
+                splice::Spliced::Promoted { client, upstream } => {
+                    let (up, down) = (bytes.up.load(Relaxed), bytes.down.load(Relaxed));
+                    let moved = Consumed {
+                        from_client: consumed.from_client + up,
+                        from_upstream: consumed.from_upstream + down,
+                        forwarded: consumed.forwarded + up,
+                        forwarded_down: down,
+                        counted_up: consumed.forwarded + up,
+                        counted_down: down,
+                    };
+                    shared.metrics.inc(Counter::SessionsPromoted);
+                    match to_sockmap(shared, session, session_id, client, upstream, moved, idle)
+                        .await
+                    {
+                        Ok(mut outcome) => {
+                            outcome.promoted = true;
+                            return outcome;
+                        }
+                        // The pair stays on splice(2), now without promotion.
+                        Err((client, upstream, left)) => {
+                            let extra_up = left.forwarded - left.counted_up;
+                            let extra_down = left.forwarded_down - left.counted_down;
+                            bytes.up.fetch_add(extra_up, Relaxed);
+                            bytes.down.fetch_add(extra_down, Relaxed);
+                            for (dir, n) in
+                                [(Direction::Up, extra_up), (Direction::Down, extra_down)]
+                            {
+                                if n > 0 {
+                                    shared.metrics.add_traffic(DataPath::Splice, dir, n);
+                                }
+                            }
+                            match splice::relay(shared, client, upstream, idle, &bytes, None).await
+                            {
+                                splice::Spliced::Done(outcome) => outcome,
+                                splice::Spliced::Promoted { .. } => {
+                                    unreachable!("no promotion without a Promotion")
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     };
     outcome.up += consumed.forwarded;
     outcome
+}
+
+/// Hands the pair to the sockhash; on refusal, gives it back with what the handover moved.
+async fn to_sockmap(
+    shared: &Shared,
+    session: &SessionHandle<'_>,
+    session_id: u64,
+    client: TcpStream,
+    upstream: TcpStream,
+    consumed: Consumed,
+    idle: Duration,
+) -> Result<Outcome, (TcpStream, TcpStream, Consumed)> {
+    let Some(sm) = shared.sockmap() else {
+        return Err((client, upstream, consumed));
+    };
+    // The sockets keep their descriptors when they leave the reactor, so the registry can read
+    // their TCP_INFO; the byte counts are the kernel's per-socket counters.
+    session.relaying(DataPath::Sockmap, &client, &upstream, None, 0);
+    match sockmap::relay(shared, sm, session_id, client, upstream, consumed, idle).await {
+        Ok(outcome) => Ok(outcome),
+        Err(fallback) => {
+            shared.metrics.inc(Counter::SessionsFallback);
+            tracing::debug!(session = session_id, cause = %fallback.error, "sockmap splice refused, falling back to splice(2)");
+            Err((fallback.client, fallback.upstream, fallback.consumed))
+        }
+    }
 }
 
 /// Resolves once `activity()` (a byte count) has not changed for `idle`. Checks a few times per

@@ -42,6 +42,8 @@ pub struct Fallback {
     pub upstream: TcpStream,
     /// Why the sockhash refused the pair.
     pub error: SpliceError,
+    /// What the daemon had moved by then, the handover's own bytes included.
+    pub consumed: Consumed,
 }
 
 /// Everything ever written into a socket's send queue: acknowledged bytes plus those still
@@ -58,32 +60,39 @@ pub async fn relay(
     shared: &Shared,
     sm: &Sockmap,
     session_id: u64,
-    client: TcpStream,
+    mut client: TcpStream,
     mut upstream: TcpStream,
     consumed: Consumed,
     idle: Duration,
 ) -> Result<Outcome, Fallback> {
     // The verdict reads whole skbs from the receive queue and ignores how much of a partially
     // read skb the daemon already consumed: a payload that arrived in the same segment as the
-    // SOCKS request would be forwarded again from the skb's start, negotiation bytes included.
-    // Empty the client's receive queue first, so that only whole, unread skbs remain.
+    // SOCKS request would be forwarded again from the skb's start, negotiation bytes included
+    // (and splice(2), on a session promoted from it, may have read part of an skb on either
+    // side). Empty both receive queues first, so that only whole, unread skbs remain.
     let mut consumed = consumed;
-    match take_queued(&client, &mut upstream).await {
+    let queued = match take_queued(&client, &mut upstream).await {
         Ok(n) => {
             consumed.from_client += n;
             consumed.forwarded += n;
+            take_queued(&upstream, &mut client).await.map(|n| {
+                consumed.from_upstream += n;
+                consumed.forwarded_down += n;
+            })
         }
-        Err(source) => {
-            let error = SpliceError {
-                context: "forwarding queued client bytes",
-                source,
-            };
-            return Err(Fallback {
-                client,
-                upstream,
-                error,
-            });
-        }
+        Err(e) => Err(e),
+    };
+    if let Err(source) = queued {
+        let error = SpliceError {
+            context: "forwarding queued bytes",
+            source,
+        };
+        return Err(Fallback {
+            client,
+            upstream,
+            error,
+            consumed,
+        });
     }
     let baselines = sent_total(client.as_fd()).and_then(|c| Ok((c, sent_total(upstream.as_fd())?)));
     let (sent0_client, sent0_upstream) = match baselines {
@@ -97,6 +106,7 @@ pub async fn relay(
                 client,
                 upstream,
                 error,
+                consumed,
             });
         }
     };
@@ -104,7 +114,7 @@ pub async fn relay(
         session_id,
         client.as_fd(),
         upstream.as_fd(),
-        consumed.forwarded,
+        (consumed.forwarded, consumed.forwarded_down),
     ) {
         Ok(p) => p,
         Err(error) => {
@@ -112,16 +122,23 @@ pub async fn relay(
                 client,
                 upstream,
                 error,
+                consumed,
             })
         }
     };
     let _active = shared.metrics.relaying(DataPath::Sockmap);
     // Payload the daemon forwarded at the handover belongs to this path's figures too, so that
     // they count every payload byte exactly once.
-    if consumed.forwarded > 0 {
-        shared
-            .metrics
-            .add_traffic(DataPath::Sockmap, Direction::Up, consumed.forwarded);
+    for (dir, n) in [
+        (Direction::Up, consumed.forwarded - consumed.counted_up),
+        (
+            Direction::Down,
+            consumed.forwarded_down - consumed.counted_down,
+        ),
+    ] {
+        if n > 0 {
+            shared.metrics.add_traffic(DataPath::Sockmap, dir, n);
+        }
     }
 
     // Leave tokio's reactor: it would be woken by every forwarded chunk.
@@ -137,6 +154,7 @@ pub async fn relay(
                 up: 0,
                 down: 0,
                 end: End::Error(e),
+                promoted: false,
             });
         }
     };
@@ -167,11 +185,11 @@ pub async fn relay(
                 src_cookie: pair.upstream_cookie,
                 src_watch: &uw,
                 dst: &client,
-                consumed_src: 0,
-                seed: 0,
+                consumed_src: consumed.from_upstream,
+                seed: consumed.forwarded_down,
                 sent0_dst: sent0_client,
                 control: Mutex::new(BrakeControl {
-                    checkpoint: BRAKE_STEP,
+                    checkpoint: consumed.forwarded_down + BRAKE_STEP,
                     ..Default::default()
                 }),
             };
@@ -209,6 +227,7 @@ pub async fn relay(
         up: up.bytes,
         down: down.bytes,
         end,
+        promoted: false,
     })
 }
 
@@ -216,16 +235,16 @@ pub async fn relay(
 /// client still sending beyond this gets the splice(2) path instead.
 const QUEUED_MAX: u64 = 4 << 20;
 
-/// Reads everything queued on `client` without waiting and writes it to `upstream`. Returns the
-/// byte count. Fails (so the session falls back) if the client keeps the queue busy past
-/// [`QUEUED_MAX`]: then the queue may end in a partially read skb.
+/// Reads everything queued on `client` without waiting and writes it to `upstream` (or the
+/// reverse). Returns the byte count. Fails (so the session falls back) if the source keeps the
+/// queue busy past [`QUEUED_MAX`]: then the queue may end in a partially read skb.
 async fn take_queued(client: &TcpStream, upstream: &mut TcpStream) -> io::Result<u64> {
     use tokio::io::AsyncWriteExt as _;
     let mut total = 0u64;
     let mut buf = Vec::new();
     loop {
         if total >= QUEUED_MAX {
-            return Err(io::Error::other("client keeps sending during the handover"));
+            return Err(io::Error::other("peer keeps sending during the handover"));
         }
         buf.resize(64 * 1024, 0);
         match client.try_read(&mut buf) {

@@ -1,18 +1,24 @@
 //! splice(2) through a pipe per direction: the kernel moves page references from one socket to
 //! the pipe and from the pipe to the other socket; the daemon only drives readiness.
+//!
+//! Under `data_path = "auto"` a session starts here and may be *promoted* to the in-kernel
+//! sockhash path ([`Promotion`]): splice(2) measured best for bulk streams and short sessions,
+//! the sockhash for request/response traffic and for sessions that sit idle (no daemon wake-ups,
+//! no pipes). Promotion stops both directions with their pipes empty and hands the sockets back.
 
 use std::{
+    convert::Infallible,
     io,
     os::fd::{AsFd, OwnedFd},
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
         Mutex,
     },
     time::Duration,
 };
 
 use proxy_common::metrics::{DataPath, Direction};
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{io::Interest, net::TcpStream, sync::watch};
 
 use super::{copy::abort, idle_watch, End, Outcome};
 use crate::{metrics::Metrics, registry::ByteCounters, sys, Shared};
@@ -57,7 +63,103 @@ impl PipePool {
     }
 }
 
-/// Relays both directions with splice(2) until both reach end of file.
+/// A chunk below this size (one splice(2) call's worth) is the mark of request/response or
+/// interactive traffic; a bulk stream on a fast path moves tens of KiB per wake-up.
+const SMALL_CHUNK: usize = 16 * 1024;
+/// Consecutive small chunks (both directions together) after which a session is promoted.
+pub const PROMOTE_STREAK: u32 = 16;
+/// A session that moved nothing for this long is promoted.
+pub const PROMOTE_IDLE: Duration = Duration::from_secs(1);
+
+/// When a session on splice(2) should move to the in-kernel path, shared by its two
+/// directions. A session is promoted after [`PROMOTE_STREAK`] small chunks in a row, after
+/// [`PROMOTE_IDLE`] without payload, or when no pipe can be had (descriptor pressure: the
+/// sockhash needs none); never once a direction has reached end of file (a socket that received
+/// a FIN cannot enter a sockhash).
+#[derive(Debug)]
+pub struct Promotion {
+    streak: AtomicU32,
+    closed: AtomicBool,
+    requested: watch::Sender<bool>,
+}
+
+impl Default for Promotion {
+    fn default() -> Self {
+        Self {
+            streak: AtomicU32::new(0),
+            closed: AtomicBool::new(false),
+            requested: watch::Sender::new(false),
+        }
+    }
+}
+
+impl Promotion {
+    fn request(&self) {
+        if !self.closed.load(Relaxed) {
+            self.requested.send_replace(true);
+        }
+    }
+
+    fn observe(&self, chunk: usize) {
+        if chunk >= SMALL_CHUNK {
+            self.streak.store(0, Relaxed);
+        } else if self.streak.fetch_add(1, Relaxed) + 1 >= PROMOTE_STREAK {
+            self.request();
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Relaxed);
+    }
+
+    async fn requested(&self) {
+        let mut rx = self.requested.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Requests the promotion once `activity()` has not changed for [`PROMOTE_IDLE`].
+    async fn idle(&self, activity: impl Fn() -> u64) {
+        let mut last = activity();
+        loop {
+            tokio::time::sleep(PROMOTE_IDLE).await;
+            let now = activity();
+            if now == last {
+                self.request();
+                return;
+            }
+            last = now;
+        }
+    }
+}
+
+/// How a splice(2) relay ended.
+#[derive(Debug)]
+pub enum Spliced {
+    /// The session is over.
+    Done(Outcome),
+    /// Both directions stopped with their pipes empty and no end of file seen: the sockets,
+    /// for the in-kernel path. Every byte read so far has been written to the peer and is in
+    /// `bytes`.
+    Promoted {
+        /// The client socket.
+        client: TcpStream,
+        /// The upstream socket.
+        upstream: TcpStream,
+    },
+}
+
+/// How one direction stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// End of file, forwarded to the peer as a half-close.
+    Eof,
+    /// Promotion requested; nothing read is left unwritten.
+    Promote,
+}
+
+/// Relays both directions with splice(2) until both reach end of file, or, with `promotion`,
+/// until the session is promoted.
 ///
 /// `bytes` receives the running totals (read by the session registry).
 pub async fn relay(
@@ -66,30 +168,75 @@ pub async fn relay(
     upstream: TcpStream,
     idle: Duration,
     bytes: &ByteCounters,
-) -> Outcome {
+    promotion: Option<&Promotion>,
+) -> Spliced {
     let _active = shared.metrics.relaying(DataPath::Splice);
     let (up, down) = (&bytes.up, &bytes.down);
+    let activity = || up.load(Relaxed) + down.load(Relaxed);
+    let pool = &shared.pipes;
+    let metrics = &shared.metrics;
     let end = tokio::select! {
         res = async {
+            let (u, d) = tokio::try_join!(
+                one_way(&client, &upstream, pool, metrics, Direction::Up, up, promotion),
+                one_way(&upstream, &client, pool, metrics, Direction::Down, down, promotion),
+            )?;
+            if u == Flow::Promote && d == Flow::Promote {
+                return Ok(None);
+            }
+            // One side reached end of file while the promotion was asked for: the session
+            // stays here and the other side goes on.
             tokio::try_join!(
-                one_way(&client, &upstream, &shared.pipes, &shared.metrics, Direction::Up, up),
-                one_way(&upstream, &client, &shared.pipes, &shared.metrics, Direction::Down, down),
-            )
+                resume(u, &client, &upstream, pool, metrics, Direction::Up, up),
+                resume(d, &upstream, &client, pool, metrics, Direction::Down, down),
+            )?;
+            Ok(Some(End::Eof))
         } => match res {
-            Ok(_) => End::Eof,
+            Ok(Some(end)) => end,
+            Ok(None) => return Spliced::Promoted { client, upstream },
             Err(e) => End::Error(e),
         },
-        () = idle_watch(idle, || up.load(Relaxed) + down.load(Relaxed)) => End::Idle,
+        () = idle_watch(idle, activity) => End::Idle,
+        never = promote_when_idle(promotion, activity) => match never {},
     };
     if matches!(end, End::Error(_)) {
         abort(&client, &upstream);
     }
-    Outcome {
+    Spliced::Done(Outcome {
         path: DataPath::Splice,
         up: up.load(Relaxed),
         down: down.load(Relaxed),
         end,
+        promoted: false,
+    })
+}
+
+/// Requests the promotion once the session has been idle for [`PROMOTE_IDLE`], then never
+/// resolves (the relay ends when both directions have stopped).
+async fn promote_when_idle(
+    promotion: Option<&Promotion>,
+    activity: impl Fn() -> u64,
+) -> Infallible {
+    if let Some(p) = promotion {
+        p.idle(activity).await;
     }
+    std::future::pending().await
+}
+
+/// Runs a direction that stopped for a promotion to its end, without promotion.
+async fn resume(
+    flow: Flow,
+    from: &TcpStream,
+    to: &TcpStream,
+    pool: &PipePool,
+    metrics: &Metrics,
+    dir: Direction,
+    total: &AtomicU64,
+) -> io::Result<()> {
+    if flow == Flow::Promote {
+        one_way(from, to, pool, metrics, dir, total, None).await?;
+    }
+    Ok(())
 }
 
 async fn one_way(
@@ -99,34 +246,71 @@ async fn one_way(
     metrics: &Metrics,
     dir: Direction,
     total: &AtomicU64,
-) -> io::Result<()> {
-    let pipe = pool.get()?;
-    loop {
-        from.readable().await?;
-        let n = match from.try_io(Interest::READABLE, || {
-            sys::splice(from.as_fd(), pipe.w.as_fd(), pipe.cap)
-        }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            pool.put(pipe);
-            // Forward the half-close; the other direction may go on.
-            return sys::shutdown_write(to.as_fd());
-        }
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                sys::splice(pipe.r.as_fd(), to.as_fd(), left)
+    promotion: Option<&Promotion>,
+) -> io::Result<Flow> {
+    // Taken at the first payload, so that an idle session holds no pipe.
+    let mut pipe: Option<Pipe> = None;
+    let result = async {
+        loop {
+            match promotion {
+                Some(p) => tokio::select! {
+                    biased;
+                    () = p.requested() => return Ok(Flow::Promote),
+                    r = from.readable() => r?,
+                },
+                None => from.readable().await?,
+            }
+            let p = match &mut pipe {
+                Some(p) => p,
+                None => match pool.get() {
+                    Ok(p) => pipe.insert(p),
+                    Err(e) => match promotion {
+                        // Out of descriptors: the in-kernel path needs no pipe.
+                        Some(pr) if !pr.closed.load(Relaxed) => {
+                            pr.request();
+                            continue;
+                        }
+                        _ => return Err(e),
+                    },
+                },
+            };
+            let n = match from.try_io(Interest::READABLE, || {
+                sys::splice(from.as_fd(), p.w.as_fd(), p.cap)
             }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
+            };
+            if n == 0 {
+                if let Some(pr) = promotion {
+                    pr.close();
+                }
+                // Forward the half-close; the other direction may go on.
+                sys::shutdown_write(to.as_fd())?;
+                return Ok(Flow::Eof);
+            }
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    sys::splice(p.r.as_fd(), to.as_fd(), left)
+                }) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            total.fetch_add(n as u64, Relaxed);
+            metrics.add_traffic(DataPath::Splice, dir, n as u64);
+            if let Some(pr) = promotion {
+                pr.observe(n);
             }
         }
-        total.fetch_add(n as u64, Relaxed);
-        metrics.add_traffic(DataPath::Splice, dir, n as u64);
     }
+    .await;
+    // Only an empty pipe goes back: after an error it may hold bytes.
+    if let (Some(p), Ok(_)) = (pipe, &result) {
+        pool.put(p);
+    }
+    result
 }
