@@ -102,6 +102,8 @@ struct Pending {
     client_addr: [u8; 16],
     client_port: u16,
     _pad: [u8; 2],
+    /// The rewrite stage's `bpf_fib_lookup` parameters: 64 bytes kept off the stack.
+    fib: FibParams,
 }
 
 /// One [`Pending`] per CPU (XDP runs to completion on one CPU).
@@ -419,7 +421,8 @@ fn from_client<const IPH: usize, const AL: usize>(
 }
 
 /// The next hop towards `dst` for a packet of `tot_len` bytes (IP header included):
-/// `(egress ifindex, smac, dmac)`, or the counter that says why not.
+/// `(egress ifindex, smac, dmac)`, or the counter that says why not. The parameters live in
+/// [`PENDING`] (the helper takes a map value as well as stack memory).
 #[inline(always)]
 fn fib<const AL: usize>(
     ctx: &XdpContext,
@@ -429,8 +432,14 @@ fn fib<const AL: usize>(
     dport: u16,
     tot_len: u16,
 ) -> Result<(u32, [u8; 6], [u8; 6]), XdpCounter> {
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let pending = PENDING.get_ptr_mut(0).ok_or(XdpCounter::PassFib)?;
+    // SAFETY: per-CPU value, only this program run uses it; all-zero is a valid
+    // bpf_fib_lookup.
+    let p = unsafe {
+        let p = &raw mut (*pending).fib;
+        p.write_bytes(0, 1);
+        &mut *p
+    };
     p.l4_protocol = IPPROTO_UDP;
     p.sport = sport;
     p.dport = dport;
@@ -442,20 +451,23 @@ fn fib<const AL: usize>(
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
     } else {
         p.family = AF_INET6;
-        let mut s = [0u32; 4];
-        let mut d = [0u32; 4];
+        // SAFETY: plain integers in a union of integer arrays.
+        let (s, d) = unsafe {
+            (
+                &mut p.__bindgen_anon_3.ipv6_src,
+                &mut p.__bindgen_anon_4.ipv6_dst,
+            )
+        };
         let mut i = 0;
         while i < 4 {
             s[i] = u32::from_ne_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]]);
             d[i] = u32::from_ne_bytes([dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]]);
             i += 1;
         }
-        p.__bindgen_anon_3.ipv6_src = s;
-        p.__bindgen_anon_4.ipv6_dst = d;
     }
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed; the context is the
     // program's own.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut *p, size_of::<FibParams>() as i32, 0) };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         Ok((p.ifindex, p.smac, p.dmac))
     } else if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
