@@ -494,7 +494,10 @@ impl Collector for SnapshotCollector {
                 "Distinct client addresses with a session open now.",
                 None,
                 MetricType::Gauge,
-                &[(Vec::<(&str, String)>::new(), ConstGauge::new(i64::try_from(a.clients_active).unwrap_or(i64::MAX)))],
+                &[(
+                    Vec::<(&str, String)>::new(),
+                    ConstGauge::new(i64::try_from(a.clients_active).unwrap_or(i64::MAX)),
+                )],
             )?;
         }
         counter(

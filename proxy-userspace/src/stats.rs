@@ -533,7 +533,11 @@ impl Snapshot {
                     .map(|a| format!(" metrics http://{a}/metrics"))
                     .unwrap_or_default()
             );
-            let _ = writeln!(out, "  clients connected now: {}", d.accounts.clients_active);
+            let _ = writeln!(
+                out,
+                "  clients connected now: {}",
+                d.accounts.clients_active
+            );
             for (title, rows) in [("USER", &d.accounts.users), ("RULE", &d.accounts.rules)] {
                 if rows.is_empty() {
                     continue;

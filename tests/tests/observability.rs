@@ -1167,7 +1167,11 @@ async fn accounts_by_user_and_rule() {
     let check = |live: bool| {
         let s = daemon.stats_json();
         for (kind, name, figures) in want {
-            assert_eq!(account(&s, kind, name), figures, "{kind} {name} (live: {live}): {s}");
+            assert_eq!(
+                account(&s, kind, name),
+                figures,
+                "{kind} {name} (live: {live}): {s}"
+            );
         }
         assert_eq!(
             s["daemon"]["accounts"]["clients_active"],
@@ -1176,24 +1180,59 @@ async fn accounts_by_user_and_rule() {
         );
     };
     // Live: the kernel's per-socket counters (poll until both sessions are spliced and counted).
-    poll_until(SETTLE, "the accounts to show the live sessions' bytes", |last| {
-        let s = daemon.stats_json();
-        *last = s["daemon"]["accounts"].to_string();
-        want.iter()
-            .all(|(kind, name, f)| {
-                s["daemon"]["accounts"][kind]
-                    .as_array()
-                    .is_some_and(|rows| rows.iter().any(|r| r["name"] == *name && r["up_bytes"] == f.1 && r["down_bytes"] == f.2))
-            })
-            .then_some(())
-    })
+    poll_until(
+        SETTLE,
+        "the accounts to show the live sessions' bytes",
+        |last| {
+            let s = daemon.stats_json();
+            *last = s["daemon"]["accounts"].to_string();
+            want.iter()
+                .all(|(kind, name, f)| {
+                    s["daemon"]["accounts"][kind]
+                        .as_array()
+                        .is_some_and(|rows| {
+                            rows.iter().any(|r| {
+                                r["name"] == *name && r["up_bytes"] == f.1 && r["down_bytes"] == f.2
+                            })
+                        })
+                })
+                .then_some(())
+        },
+    )
     .await;
     check(true);
     let (body, m) = scrape(metrics_addr(&daemon)).await;
-    assert_eq!(sample(&m, "ebsocks_user_bytes", &[("user", "alice"), ("direction", "up")], &body), ALICE.0 as f64);
-    assert_eq!(sample(&m, "ebsocks_user_bytes", &[("user", "bob"), ("direction", "down")], &body), BOB.1 as f64);
-    assert_eq!(sample(&m, "ebsocks_rule_bytes", &[("rule", "alice-only"), ("direction", "down")], &body), ALICE.1 as f64);
-    assert_eq!(sample(&m, "ebsocks_user_sessions", &[("user", "bob")], &body), 1.0);
+    assert_eq!(
+        sample(
+            &m,
+            "ebsocks_user_bytes",
+            &[("user", "alice"), ("direction", "up")],
+            &body
+        ),
+        ALICE.0 as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ebsocks_user_bytes",
+            &[("user", "bob"), ("direction", "down")],
+            &body
+        ),
+        BOB.1 as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ebsocks_rule_bytes",
+            &[("rule", "alice-only"), ("direction", "down")],
+            &body
+        ),
+        ALICE.1 as f64
+    );
+    assert_eq!(
+        sample(&m, "ebsocks_user_sessions", &[("user", "bob")], &body),
+        1.0
+    );
     assert_eq!(sample(&m, "ebsocks_clients_active", &[], &body), 1.0);
 
     // Ended: the same figures, from the sessions' final counts.
@@ -1210,9 +1249,20 @@ async fn accounts_by_user_and_rule() {
     wait_sessions_drained(&daemon).await;
     check(false);
     let (body, m) = scrape(metrics_addr(&daemon)).await;
-    assert_eq!(sample(&m, "ebsocks_user_bytes", &[("user", "alice"), ("direction", "up")], &body), ALICE.0 as f64);
+    assert_eq!(
+        sample(
+            &m,
+            "ebsocks_user_bytes",
+            &[("user", "alice"), ("direction", "up")],
+            &body
+        ),
+        ALICE.0 as f64
+    );
     assert_eq!(sample(&m, "ebsocks_clients_active", &[], &body), 0.0);
     let table = cli(&["stats", "--pin-dir", &daemon.pin_dir().to_string_lossy()]);
-    assert!(table.contains("alice-only") && table.contains(&ALICE.0.to_string()), "{table}");
+    assert!(
+        table.contains("alice-only") && table.contains(&ALICE.0.to_string()),
+        "{table}"
+    );
     daemon.stop();
 }
