@@ -923,11 +923,15 @@ pub mod xdp {
         OffloadUp = 10,
         /// Forwarded target -> client by XDP.
         OffloadDown = 11,
+        /// Passed (IPv6): the kernel picks another source address than the relay socket's own
+        /// towards this destination (the relay's dual-stack socket sends from the address
+        /// the routing table picks), or none.
+        PassSource = 12,
     }
 
     impl XdpCounter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 12] = [
+        pub const ALL: [Self; 13] = [
             Self::DropMalformed,
             Self::DropFrag,
             Self::DropForeign,
@@ -940,6 +944,7 @@ pub mod xdp {
             Self::PassLearning,
             Self::OffloadUp,
             Self::OffloadDown,
+            Self::PassSource,
         ];
 
         /// Name used in stats output.
@@ -957,6 +962,7 @@ pub mod xdp {
                 Self::PassLearning => "xdp_passed_learning",
                 Self::OffloadUp => "xdp_offloaded_up",
                 Self::OffloadDown => "xdp_offloaded_down",
+                Self::PassSource => "xdp_passed_source",
             }
         }
     }
