@@ -216,6 +216,18 @@ async fn xdp_round_trips(#[case] flow: Flow, #[case] offload: bool) {
     if matches!(flow, Flow::V4 | Flow::V6) {
         assert_eq!(src, a.relay, "the relay sent from another address");
     }
+    // The relay counts a datagram after its send returned, which can be after the reply
+    // arrived: wait for the first exchange (its reply relayed or already offloaded).
+    poll_until(STATS_SETTLE, "the first exchange counted", |last| {
+        let s = daemon.stats();
+        let got = (
+            s.traffic_packets("udp", "relay", "up"),
+            s.traffic_packets("udp", "relay", "down") + s.traffic_packets("udp", "xdp", "down"),
+        );
+        *last = format!("(up, down) {got:?}");
+        (got == (1, 1)).then_some(())
+    })
+    .await;
     let before = daemon.stats();
     let delivered = udp_in_datagrams(daemon.pid());
 
