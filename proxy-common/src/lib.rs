@@ -927,11 +927,15 @@ pub mod xdp {
         OffloadUp = 10,
         /// Forwarded target -> client by XDP.
         OffloadDown = 11,
+        /// Passed (IPv6): the kernel picks another source address than the relay socket's own
+        /// towards this destination (the relay's dual-stack socket sends from the address
+        /// the routing table picks), or none.
+        PassSource = 12,
     }
 
     impl XdpCounter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 12] = [
+        pub const ALL: [Self; 13] = [
             Self::DropMalformed,
             Self::DropFrag,
             Self::DropForeign,
@@ -944,6 +948,7 @@ pub mod xdp {
             Self::PassLearning,
             Self::OffloadUp,
             Self::OffloadDown,
+            Self::PassSource,
         ];
 
         /// Name used in stats output.
@@ -961,6 +966,7 @@ pub mod xdp {
                 Self::PassLearning => "xdp_passed_learning",
                 Self::OffloadUp => "xdp_offloaded_up",
                 Self::OffloadDown => "xdp_offloaded_down",
+                Self::PassSource => "xdp_passed_source",
             }
         }
     }
@@ -1024,6 +1030,44 @@ pub mod xdp {
             }
         }
 
+        /// The UDP checksum of a datagram the relay socket forwards, from the checksum `check`
+        /// it arrived with, updated for what changes between the two (RFC 1624).
+        ///
+        /// Client -> target (`strip`): `client:client_port -> relay:rport`, payload
+        /// `head, target, tport, data` becomes `relay:rport -> target:tport`, payload `data`.
+        /// Target -> client (`!strip`) is the reverse. The relay's address and port move
+        /// between destination and source, and the target's between the SOCKS header and the
+        /// IP/UDP headers, so their words cancel out of the sum: what leaves it (`strip`) or
+        /// enters it is the client's address and port and the header's first four bytes
+        /// (`head`: RSV, FRAG, ATYP), and the UDP length changes from `old_len` to `new_len`
+        /// (counted twice: UDP header and pseudo-header). The pseudo-header's other words (the
+        /// protocol; IPv6's 32-bit length has a zero upper half) stay. Words are as they lie
+        /// in memory (`client_port` in network order), lengths in host order. Never zero.
+        #[inline(always)]
+        pub fn relayed<const AL: usize>(
+            check: u16,
+            client: &[u8; AL],
+            client_port: u16,
+            head: [u8; 4],
+            old_len: u16,
+            new_len: u16,
+            strip: bool,
+        ) -> u16 {
+            let moved = |sum: u32, w: u16| if strip { sub(sum, w) } else { add(sum, w) };
+            let mut sum = start(check);
+            let mut i = 0;
+            while i + 1 < AL {
+                sum = moved(sum, word(client[i], client[i + 1]));
+                i += 2;
+            }
+            sum = moved(sum, client_port);
+            sum = moved(sum, word(head[0], head[1]));
+            sum = moved(sum, word(head[2], head[3]));
+            let (old, new) = (old_len.to_be(), new_len.to_be());
+            sum = sub(sub(sum, old), old);
+            finish_udp(add(add(sum, new), new))
+        }
+
         /// The IPv4 header checksum of 20 bytes whose checksum field holds zero.
         #[inline(always)]
         pub fn ipv4_header(h: &[u8; 20]) -> u16 {
@@ -1060,6 +1104,10 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
+    use std::{vec, vec::Vec};
+
     use super::xdp::csum;
 
     /// The UDP checksum of a datagram computed from scratch: pseudo-header (addresses,
@@ -1170,6 +1218,105 @@ mod tests {
                 "down, {plen} bytes"
             );
         }
+    }
+
+    /// A SOCKS UDP header naming `addr:port` (ATYP 1 or 4) in front of `payload`.
+    fn socks(addr: &[u8], port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 0, if addr.len() == 4 { 1 } else { 4 }];
+        v.extend_from_slice(addr);
+        v.extend_from_slice(&port.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn relayed_both_ways<const AL: usize>(
+        client: [u8; AL],
+        relay: [u8; AL],
+        target: [u8; AL],
+        payload: &[u8],
+    ) {
+        let (cport, rport, tport) = (40_000u16, 50_000u16, 53u16);
+        let wrapped = socks(&target, tport, payload);
+        let head: [u8; 4] = wrapped[..4].try_into().unwrap();
+        let (long, short) = ((8 + wrapped.len()) as u16, (8 + payload.len()) as u16);
+        let client_port = cport.to_be();
+        let up = csum::relayed(
+            full(&client, &relay, cport, rport, &wrapped),
+            &client,
+            client_port,
+            head,
+            long,
+            short,
+            true,
+        );
+        assert_eq!(
+            up,
+            full(&relay, &target, rport, tport, payload),
+            "up, AL {AL}, {} bytes",
+            payload.len()
+        );
+        let down = csum::relayed(
+            full(&target, &relay, tport, rport, payload),
+            &client,
+            client_port,
+            head,
+            short,
+            long,
+            false,
+        );
+        assert_eq!(
+            down,
+            full(&relay, &client, rport, cport, &wrapped),
+            "down, AL {AL}, {} bytes",
+            payload.len()
+        );
+    }
+
+    /// The shortcut of `csum::relayed` gives the checksum computed from scratch, IPv4 and IPv6
+    /// (whose pseudo-header sums the same words: the 32-bit length's upper half is zero).
+    #[test]
+    fn relayed_checksum_matches_a_full_one() {
+        let c6 = [0xfd, 0x64, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let r6 = [0xfd, 0x64, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let t6 = [
+            0x20, 0x01, 0x0d, 0xb8, 0xff, 0xee, 0x12, 0x34, 0xab, 0xcd, 0, 0x99, 0xfe, 0xdc, 0xff,
+            0xff,
+        ];
+        for plen in [0usize, 1, 2, 9, 100, 1431, 1471] {
+            let payload: Vec<u8> = (0..plen).map(|i| (i * 7 + plen) as u8).collect();
+            relayed_both_ways(c6, r6, t6, &payload);
+            relayed_both_ways([10, 1, 0, 2], [10, 1, 0, 1], [10, 2, 0, 2], &payload);
+        }
+    }
+
+    /// A datagram whose checksum computes to zero is sent as 0xffff, never as zero (which
+    /// means "no checksum" over IPv4 and is invalid over IPv6).
+    #[test]
+    fn relayed_checksum_is_never_zero() {
+        let c6 = [0xfd, 0x64, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let r6 = [0xfd, 0x64, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let t6 = [0xfd, 0x64, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let mut found = 0;
+        for w in 0..=u16::MAX {
+            let payload = w.to_be_bytes();
+            let target_side = full(&r6, &t6, 50_000, 53, &payload);
+            let client_side = full(&r6, &c6, 50_000, 40_000, &socks(&t6, 53, &payload));
+            if target_side != 0xffff && client_side != 0xffff {
+                continue;
+            }
+            found += 1;
+            relayed_both_ways(c6, r6, t6, &payload);
+            let wrapped = socks(&t6, 53, &payload);
+            let head: [u8; 4] = wrapped[..4].try_into().unwrap();
+            for (check, old, new, strip) in [
+                (full(&c6, &r6, 40_000, 50_000, &wrapped), 32, 10, true),
+                (full(&t6, &r6, 53, 50_000, &payload), 10, 32, false),
+            ] {
+                let c = csum::relayed(check, &c6, 40_000u16.to_be(), head, old, new, strip);
+                assert_ne!(c, 0, "payload {w:#06x}");
+            }
+        }
+        assert!(found > 0, "no payload with a zero checksum found");
     }
 
     #[test]

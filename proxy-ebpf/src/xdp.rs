@@ -18,7 +18,9 @@
 //!
 //! # Minimum kernel version
 //! `bpf_fib_lookup` in XDP needs Linux 4.18; `bpf_link`-based attachment (detached when the
-//! daemon exits) 5.9.
+//! daemon exits) 5.9. IPv6 offload asks the FIB for the source address
+//! (`BPF_FIB_LOOKUP_SRC`), which needs 6.7: an older kernel fails the lookup at run time and
+//! IPv6 flows pass to the relay (counted as `xdp_passed_fib`).
 
 use core::{
     mem::size_of,
@@ -28,7 +30,8 @@ use core::{
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action::XDP_DROP, xdp_action::XDP_PASS,
-        xdp_action::XDP_TX, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS,
+        xdp_action::XDP_TX, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_SRC_ADDR,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     macros::{map, xdp},
@@ -84,24 +87,42 @@ const ATYP_IPV6: u8 = 4;
 const TTL: u8 = 64;
 /// Whether offloaded flows are rewritten and transmitted here.
 const OFFLOAD: bool = true;
-/// `udp` found an offloaded client -> target datagram; `PENDING` holds what `up_v4` needs.
+/// `udp` found an offloaded client -> target datagram; `PENDING` holds what `up_v4` or
+/// `up_v6` needs.
 const NEXT_UP: u32 = 0x100;
-/// `udp` found an offloaded target -> client datagram; see `down_v4`.
+/// `udp` found an offloaded target -> client datagram; see `down_v4` and `down_v6`.
 const NEXT_DOWN: u32 = 0x101;
+/// The IPv6 header (no extension headers).
+const IP6_LEN: usize = 40;
+/// Offsets in an IPv6 frame: the IPv6 header, the UDP header, the UDP payload.
+const V6_IP: usize = ETH_LEN;
+const V6_UDP: usize = V6_IP + IP6_LEN;
+const V6_PAYLOAD: usize = V6_UDP + UDP_LEN;
+/// A SOCKS UDP header naming an IPv6 address.
+const SOCKS_V6: usize = 22;
 
 /// What the sorting stage hands to the rewrite stage. The two run as separate BPF functions
 /// called one after the other from the entry point, so that their stack frames are not on
 /// one call chain (the BPF stack limit is 512 bytes for the whole chain).
+///
+/// The IPv6 rewrite reads the addresses and ports it writes from here (and the rest from
+/// the packet), so that no header copy sits on its stack.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Pending {
+    /// IPv4 only: the IP header and UDP header as received.
     ip: [u8; 20],
     udp: [u8; UDP_LEN],
+    /// UDP payload length as received (SOCKS header included when from the client).
     payload: u32,
+    /// The flow: relay socket and target.
     key: PeerKey,
+    /// Target -> client only: the client's address and port (network order).
     client_addr: [u8; 16],
     client_port: u16,
     _pad: [u8; 2],
+    /// The rewrite stage's `bpf_fib_lookup` parameters: 64 bytes kept off the stack.
+    fib: FibParams,
 }
 
 /// One [`Pending`] per CPU (XDP runs to completion on one CPU).
@@ -199,7 +220,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
             Ok(NEXT_DOWN) => Ok(down_v4(ctx)),
             other => other,
         },
-        Ok((IPPROTO_UDP, 6)) => udp::<40, 16>(ctx),
+        Ok((IPPROTO_UDP, 6)) => match udp::<40, 16>(ctx) {
+            Ok(NEXT_UP) => Ok(up_v6(ctx)),
+            Ok(NEXT_DOWN) => Ok(down_v6(ctx)),
+            other => other,
+        },
         _ => Ok(XDP_PASS),
     }
 }
@@ -419,7 +444,13 @@ fn from_client<const IPH: usize, const AL: usize>(
 }
 
 /// The next hop towards `dst` for a packet of `tot_len` bytes (IP header included):
-/// `(egress ifindex, smac, dmac)`, or the counter that says why not.
+/// `(egress ifindex, smac, dmac)`, or the counter that says why not. The parameters live in
+/// [`PENDING`] (the helper takes a map value as well as stack memory).
+///
+/// IPv6 also asks for the source address the kernel would pick (`BPF_FIB_LOOKUP_SRC`,
+/// Linux 6.7), and it must be `src`: an IPv4 relay socket is bound to its address, but an
+/// IPv6 one is dual-stack, bound to `[::]`, and sends from the address the routing table
+/// picks; the program must not send from another address than the relay would.
 #[inline(always)]
 fn fib<const AL: usize>(
     ctx: &XdpContext,
@@ -429,35 +460,71 @@ fn fib<const AL: usize>(
     dport: u16,
     tot_len: u16,
 ) -> Result<(u32, [u8; 6], [u8; 6]), XdpCounter> {
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let pending = PENDING.get_ptr_mut(0).ok_or(XdpCounter::PassFib)?;
+    // SAFETY: per-CPU value, only this program run uses it; all-zero is a valid
+    // bpf_fib_lookup.
+    let p = unsafe {
+        let p = &raw mut (*pending).fib;
+        p.write_bytes(0, 1);
+        &mut *p
+    };
     p.l4_protocol = IPPROTO_UDP;
     p.sport = sport;
     p.dport = dport;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = ctx.ingress_ifindex() as u32;
+    let flags = if AL == 4 { 0 } else { BPF_FIB_LOOKUP_SRC };
     if AL == 4 {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
     } else {
         p.family = AF_INET6;
-        let mut s = [0u32; 4];
-        let mut d = [0u32; 4];
+        // SAFETY: plain integers in a union of integer arrays.
+        let (s, d) = unsafe {
+            (
+                &mut p.__bindgen_anon_3.ipv6_src,
+                &mut p.__bindgen_anon_4.ipv6_dst,
+            )
+        };
         let mut i = 0;
         while i < 4 {
             s[i] = u32::from_ne_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]]);
             d[i] = u32::from_ne_bytes([dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]]);
             i += 1;
         }
-        p.__bindgen_anon_3.ipv6_src = s;
-        p.__bindgen_anon_4.ipv6_dst = d;
     }
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed; the context is the
     // program's own.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &raw mut *p,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        if AL == 16 {
+            // SAFETY: as above; the helper wrote the source it picked.
+            let picked = unsafe { &p.__bindgen_anon_3.ipv6_src };
+            let mut i = 0;
+            while i < 4 {
+                let want = u32::from_ne_bytes([
+                    src[4 * i],
+                    src[4 * i + 1],
+                    src[4 * i + 2],
+                    src[4 * i + 3],
+                ]);
+                if picked[i] != want {
+                    return Err(XdpCounter::PassSource);
+                }
+                i += 1;
+            }
+        }
         Ok((p.ifindex, p.smac, p.dmac))
+    } else if rc == i64::from(BPF_FIB_LKUP_RET_NO_SRC_ADDR) {
+        Err(XdpCounter::PassSource)
     } else if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         Err(XdpCounter::PassTooBig)
     } else {
@@ -594,8 +661,8 @@ fn csum_with_new<const AL: usize>(
     csum::add(sum, l)
 }
 
-/// Client -> target: the checks of the sorting stage; an offloaded IPv4 flow is handed to
-/// [`up_v4`] through [`PENDING`].
+/// Client -> target: the checks of the sorting stage; an offloaded flow is handed to
+/// [`up_v4`] or [`up_v6`] through [`PENDING`].
 #[inline(always)]
 fn up<const IPH: usize, const AL: usize, const H: usize>(dg: &Datagram<IPH>, key: &PeerKey) -> u32 {
     // SAFETY: the daemon replaces DENY entries whole.
@@ -609,9 +676,8 @@ fn up<const IPH: usize, const AL: usize, const H: usize>(dg: &Datagram<IPH>, key
     };
     // SAFETY: flags are written by the daemon only.
     let flags = unsafe { (*peer).flags };
-    // IPv4 to an IPv4 target named by an IPv4 header only: IPv6 and IPv4 <-> IPv6 stay with
-    // the relay.
-    if !OFFLOAD || AL != 4 || H != 10 || flags & PEER_OFFLOAD == 0 || !is_v4(&key.addr) {
+    // IPv4 to an IPv4 target, IPv6 to an IPv6 target: IPv4 <-> IPv6 stays with the relay.
+    if !OFFLOAD || flags & PEER_OFFLOAD == 0 || !same_family::<AL, H>(&key.addr) {
         count(XdpCounter::PassNoFlow);
         return XDP_PASS;
     }
@@ -620,16 +686,29 @@ fn up<const IPH: usize, const AL: usize, const H: usize>(dg: &Datagram<IPH>, key
     };
     // SAFETY: per-CPU value, only this program run uses it.
     unsafe {
-        let mut i = 0;
-        while i < 20 {
-            (*p).ip[i] = dg.ip[i];
-            i += 1;
+        if IPH == 20 {
+            let mut i = 0;
+            while i < 20 {
+                (*p).ip[i] = dg.ip[i];
+                i += 1;
+            }
+            (*p).udp = dg.udp;
         }
-        (*p).udp = dg.udp;
         (*p).payload = dg.payload as u32;
         (*p).key = *key;
     }
     NEXT_UP
+}
+
+/// Whether a target at `addr` (named by an `H`-byte SOCKS header) is of the family of the
+/// datagram's IP header (`AL`-byte addresses).
+#[inline(always)]
+fn same_family<const AL: usize, const H: usize>(addr: &[u8; 16]) -> bool {
+    if AL == 4 {
+        H == 10 && is_v4(addr)
+    } else {
+        H == SOCKS_V6 && !is_v4(addr)
+    }
 }
 
 #[inline(always)]
@@ -638,7 +717,14 @@ fn pend_down<const IPH: usize, const AL: usize>(
     key: &PeerKey,
     relay: &Relay,
 ) -> Result<u32, u32> {
-    if !OFFLOAD || AL != 4 || !is_v4(&key.addr) || !is_v4(&relay.client_addr) {
+    // The target and the client of the datagram's family only (IPv4 <-> IPv6 stays with the
+    // relay).
+    let same = if AL == 4 {
+        is_v4(&key.addr) && is_v4(&relay.client_addr)
+    } else {
+        !is_v4(&key.addr) && !is_v4(&relay.client_addr)
+    };
+    if !OFFLOAD || !same {
         count(XdpCounter::PassNoFlow);
         return Ok(XDP_PASS);
     }
@@ -647,12 +733,14 @@ fn pend_down<const IPH: usize, const AL: usize>(
     };
     // SAFETY: per-CPU value, only this program run uses it.
     unsafe {
-        let mut i = 0;
-        while i < 20 {
-            (*p).ip[i] = dg.ip[i];
-            i += 1;
+        if IPH == 20 {
+            let mut i = 0;
+            while i < 20 {
+                (*p).ip[i] = dg.ip[i];
+                i += 1;
+            }
+            (*p).udp = dg.udp;
         }
-        (*p).udp = dg.udp;
         (*p).payload = dg.payload as u32;
         (*p).key = *key;
         (*p).client_addr = relay.client_addr;
@@ -844,4 +932,235 @@ fn down_with<const IPH: usize, const AL: usize, const H: usize>(
     count(XdpCounter::OffloadDown);
     count_udp(Direction::Down, payload as u64);
     Ok(action)
+}
+
+/// The rewrite stage of client -> target (IPv6): strip the 22-byte SOCKS header and send the
+/// payload from the relay socket's address to the target.
+///
+/// Nothing is copied to the stack: the new addresses and ports are read from [`PENDING`],
+/// the FIB parameters live there too, the checksum is updated incrementally
+/// ([`csum::relayed`]) from words read in the packet, and the new headers are written field
+/// by field into the packet after the head moved.
+#[inline(never)]
+fn up_v6(ctx: &XdpContext) -> u32 {
+    match try_up_v6(ctx) {
+        Ok(a) | Err(a) => a,
+    }
+}
+
+#[inline(always)]
+fn try_up_v6(ctx: &XdpContext) -> Result<u32, u32> {
+    let p = PENDING.get_ptr(0).ok_or(XDP_PASS)?;
+    // SAFETY: per-CPU value written by the sorting stage of this run; it stays valid (and
+    // unchanged but for `fib`) for the whole run.
+    let (key, wrapped) = unsafe { (&(*p).key, (*p).payload as usize) };
+    let peer = PEERS.get_ptr_mut(key).ok_or(XDP_PASS)?;
+    if wrapped < SOCKS_V6 {
+        return Ok(XDP_PASS);
+    }
+    let payload = wrapped - SOCKS_V6;
+    let udp_len = UDP_LEN + payload;
+    if IP6_LEN + udp_len > 0xffff {
+        // Not for the FIB's 16-bit length (nor for any MTU).
+        count(XdpCounter::PassTooBig);
+        return Ok(XDP_PASS);
+    }
+    let old_len = (UDP_LEN + wrapped) as u16;
+    let ip = ptr_at::<[u8; IP6_LEN]>(ctx, V6_IP)?;
+    let udp = ptr_at::<[u8; UDP_LEN]>(ctx, V6_UDP)?;
+    let head = ptr_at::<[u8; 4]>(ctx, V6_PAYLOAD)?;
+    // SAFETY: bounds-checked above; references into the packet, valid until the head moves.
+    let (ip, udp, head) = unsafe { (&*ip, &*udp, &*head) };
+    let old = u16::from_ne_bytes([udp[6], udp[7]]);
+    if old == 0 {
+        // No checksum: invalid over IPv6, the relay socket's kernel drops it.
+        count(XdpCounter::PassUnparsed);
+        return Ok(XDP_PASS);
+    }
+    let client = <&[u8; 16]>::try_from(&ip[8..24]).map_err(|_| XDP_PASS)?;
+    let cport = u16::from_ne_bytes([udp[0], udp[1]]);
+    let check = csum::relayed(old, client, cport, *head, old_len, udp_len as u16, true);
+    let first = [ip[0], ip[1], ip[2], ip[3]];
+    let hop = match fib::<16>(
+        ctx,
+        &key.relay.addr,
+        &key.addr,
+        key.relay.port,
+        key.port,
+        (IP6_LEN + udp_len) as u16,
+    ) {
+        Ok(h) => h,
+        Err(c) => {
+            count(c);
+            return Ok(XDP_PASS);
+        }
+    };
+    // SAFETY: the context is the program's own; a positive delta shrinks the head.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, SOCKS_V6 as i32) } != 0 {
+        count(XdpCounter::PassUnparsed);
+        return Ok(XDP_PASS);
+    }
+    // From here the packet has lost its first 22 bytes: it must leave rewritten or be dropped.
+    let action = emit_v6(
+        ctx,
+        first,
+        hop,
+        (&key.relay.addr, key.relay.port),
+        (&key.addr, key.port),
+        udp_len,
+        check,
+    )
+    .unwrap_or(XDP_DROP);
+    // SAFETY: map value valid for this run; counters only change by atomic adds.
+    unsafe {
+        add(&raw mut (*peer).up_bytes, payload as u64);
+        add(&raw mut (*peer).up_packets, 1);
+    }
+    count(XdpCounter::OffloadUp);
+    count_udp(Direction::Up, payload as u64);
+    Ok(action)
+}
+
+/// The rewrite stage of target -> client (IPv6): put the 22-byte SOCKS header naming the
+/// target in front of the payload and send it from the relay socket's address to the client.
+/// Written like [`up_v6`].
+#[inline(never)]
+fn down_v6(ctx: &XdpContext) -> u32 {
+    match try_down_v6(ctx) {
+        Ok(a) | Err(a) => a,
+    }
+}
+
+#[inline(always)]
+fn try_down_v6(ctx: &XdpContext) -> Result<u32, u32> {
+    let p = PENDING.get_ptr(0).ok_or(XDP_PASS)?;
+    // SAFETY: as in `try_up_v6`.
+    let (key, client, cport, payload) = unsafe {
+        (
+            &(*p).key,
+            &(*p).client_addr,
+            (*p).client_port,
+            (*p).payload as usize,
+        )
+    };
+    let peer = PEERS.get_ptr_mut(key).ok_or(XDP_PASS)?;
+    let udp_len = UDP_LEN + SOCKS_V6 + payload;
+    if IP6_LEN + udp_len > 0xffff {
+        count(XdpCounter::PassTooBig);
+        return Ok(XDP_PASS);
+    }
+    let ip = ptr_at::<[u8; 4]>(ctx, V6_IP)?;
+    let udp = ptr_at::<[u8; UDP_LEN]>(ctx, V6_UDP)?;
+    // SAFETY: bounds-checked above; references into the packet, valid until the head moves.
+    let (first, udp) = unsafe { (*ip, &*udp) };
+    let old = u16::from_ne_bytes([udp[6], udp[7]]);
+    if old == 0 {
+        count(XdpCounter::PassUnparsed);
+        return Ok(XDP_PASS);
+    }
+    const HEAD: [u8; 4] = [0, 0, 0, ATYP_IPV6];
+    let check = csum::relayed(
+        old,
+        client,
+        cport,
+        HEAD,
+        (UDP_LEN + payload) as u16,
+        udp_len as u16,
+        false,
+    );
+    let hop = match fib::<16>(
+        ctx,
+        &key.relay.addr,
+        client,
+        key.relay.port,
+        cport,
+        (IP6_LEN + udp_len) as u16,
+    ) {
+        Ok(h) => h,
+        Err(c) => {
+            count(c);
+            return Ok(XDP_PASS);
+        }
+    };
+    // SAFETY: the context is the program's own; a negative delta grows the head.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(SOCKS_V6 as i32)) } != 0 {
+        count(XdpCounter::PassUnparsed);
+        return Ok(XDP_PASS);
+    }
+    let Ok(h) = ptr_at::<[u8; SOCKS_V6]>(ctx, V6_PAYLOAD) else {
+        return Ok(XDP_DROP);
+    };
+    let h = h as *mut u8;
+    // SAFETY: bounds-checked above: 22 bytes.
+    unsafe {
+        write_unaligned(h.cast::<[u8; 4]>(), HEAD);
+        write_unaligned(h.add(4).cast::<[u8; 16]>(), key.addr);
+        write_unaligned(h.add(20).cast::<u16>(), key.port);
+    }
+    let action = emit_v6(
+        ctx,
+        first,
+        hop,
+        (&key.relay.addr, key.relay.port),
+        (client, cport),
+        udp_len,
+        check,
+    )
+    .unwrap_or(XDP_DROP);
+    // SAFETY: map value valid for this run; counters only change by atomic adds.
+    unsafe {
+        add(&raw mut (*peer).down_bytes, payload as u64);
+        add(&raw mut (*peer).down_packets, 1);
+    }
+    count(XdpCounter::OffloadDown);
+    count_udp(Direction::Down, payload as u64);
+    Ok(action)
+}
+
+/// Writes the Ethernet, IPv6 and UDP headers of the rewritten datagram into the packet (after
+/// the head moved), field by field, and transmits it. `first`: the IPv6 header's first four
+/// bytes as received (version, traffic class, flow label); addresses and ports in network
+/// order.
+#[inline(always)]
+fn emit_v6(
+    ctx: &XdpContext,
+    first: [u8; 4],
+    hop: (u32, [u8; 6], [u8; 6]),
+    (src, sport): (&[u8; 16], u16),
+    (dst, dport): (&[u8; 16], u16),
+    udp_len: usize,
+    check: u16,
+) -> Result<u32, u32> {
+    let (ifindex, smac, dmac) = hop;
+    let h = ptr_at::<[u8; V6_PAYLOAD]>(ctx, 0)? as *mut u8;
+    let len = (udp_len as u16).to_be_bytes();
+    // SAFETY: bounds-checked above: the 62 bytes of the three headers.
+    unsafe {
+        write_unaligned(h.cast::<[u8; 6]>(), dmac);
+        write_unaligned(h.add(6).cast::<[u8; 6]>(), smac);
+        write_unaligned(h.add(12).cast::<[u8; 2]>(), ETH_P_IPV6);
+        let ip = h.add(V6_IP);
+        write_unaligned(ip.cast::<[u8; 4]>(), first);
+        write_unaligned(ip.add(4).cast::<[u8; 2]>(), len);
+        *ip.add(6) = IPPROTO_UDP;
+        *ip.add(7) = TTL;
+        write_unaligned(ip.add(8).cast::<[u8; 16]>(), *src);
+        write_unaligned(ip.add(24).cast::<[u8; 16]>(), *dst);
+        let udp = h.add(V6_UDP);
+        write_unaligned(udp.cast::<u16>(), sport);
+        write_unaligned(udp.add(2).cast::<u16>(), dport);
+        write_unaligned(udp.add(4).cast::<[u8; 2]>(), len);
+        write_unaligned(udp.add(6).cast::<u16>(), check);
+    }
+    count_frame(
+        Proto::Udp,
+        IfaceDir::Tx,
+        (V6_PAYLOAD - UDP_LEN + udp_len) as u64,
+    );
+    if ifindex as usize == ctx.ingress_ifindex() {
+        Ok(XDP_TX)
+    } else {
+        // SAFETY: plain helper call.
+        Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+    }
 }

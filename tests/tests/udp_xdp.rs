@@ -2,8 +2,12 @@
 //! client -- proxy (the daemon, XDP on both of its interfaces) -- target.
 //!
 //! Proof that a datagram bypassed the relay socket: the XDP counters rise while the proxy
-//! namespace's `Udp: InDatagrams` (every datagram delivered to a UDP socket there) and the
-//! `udp/relay` traffic rows do not.
+//! namespace's `Udp: InDatagrams` and `Udp6InDatagrams` (every datagram delivered to a UDP
+//! socket there) and the `udp/relay` traffic rows do not.
+//!
+//! The sockets in the client and target namespaces drop datagrams with a bad UDP checksum
+//! (their veths have no checksum offload), so a datagram that arrives proves the checksum
+//! the program wrote.
 
 use std::net::SocketAddr;
 
@@ -43,6 +47,23 @@ fn start(t: &Topology, v6: bool, offload: bool, extra: &str) -> Daemon {
     })
 }
 
+/// Gives the proxy one source address towards the target over IPv6, its client-side one (a
+/// host route with `src`), as on a proxy with one address per family. The relay's
+/// dual-stack socket then sends from its own address, as the IPv4 one (bound to it) always
+/// does; IPv6 offload needs that.
+fn same_source_v6(t: &Topology) {
+    t.proxy.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{}/128", t.target_ip(true)),
+        "dev",
+        "p1",
+        "src",
+        &t.proxy_ip(true).to_string(),
+    ]);
+}
+
 struct Assoc {
     _ctl: TcpStream,
     relay: SocketAddr,
@@ -73,8 +94,15 @@ async fn associate(t: &Topology, proxy: SocketAddr, v6: bool) -> Assoc {
     }
 }
 
-/// Client -> relay -> target and back; checks payloads and headers.
-async fn round_trip(a: &Assoc, target: &UdpSocket, dst: &Target, up: &[u8], down: &[u8]) {
+/// Client -> relay -> target and back; checks payloads and headers. Returns the source the
+/// target saw.
+async fn round_trip(
+    a: &Assoc,
+    target: &UdpSocket,
+    dst: &Target,
+    up: &[u8],
+    down: &[u8],
+) -> SocketAddr {
     let taddr = target.local_addr().unwrap();
     a.udp
         .send(&udp_datagram(0, dst, up))
@@ -98,6 +126,7 @@ async fn round_trip(a: &Assoc, target: &UdpSocket, dst: &Target, up: &[u8], down
         "reply payload differs ({} bytes)",
         d.data.len()
     );
+    from
 }
 
 fn xdp(s: &Stats, name: &str) -> u64 {
@@ -115,32 +144,90 @@ fn iface(s: &Stats, proto: &str, dir: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Round trips through the relay: IPv4 and IPv6 literals with offload on and off, and a
-/// domain destination (a numeric name, which resolves without DNS). With offload, every
-/// datagram after the first of a flow bypasses the relay socket.
+/// What a round-trip case sends where.
+#[derive(Clone, Copy, Debug)]
+enum Flow {
+    /// IPv4 client, IPv4 literal target.
+    V4,
+    /// IPv6 client, IPv6 literal target; the relay's address is its source towards both.
+    V6,
+    /// As `V6`, but the proxy sends to the target from its target-side address.
+    V6OtherSource,
+    /// IPv6 client, IPv4 literal target (through the relay's dual-stack socket).
+    V6ToV4,
+    /// IPv4 client, a domain target (a numeric name, which resolves without DNS).
+    Domain,
+}
+
+impl Flow {
+    fn client_v6(self) -> bool {
+        matches!(self, Self::V6 | Self::V6OtherSource | Self::V6ToV4)
+    }
+
+    fn target_v6(self) -> bool {
+        matches!(self, Self::V6 | Self::V6OtherSource)
+    }
+
+    /// With offload on: the counter under which XDP passes the client's datagrams to the
+    /// relay, or None when it offloads the flow.
+    fn passed(self) -> Option<&'static str> {
+        match self {
+            Self::V4 | Self::V6 => None,
+            Self::V6OtherSource => Some("xdp_passed_source"),
+            Self::V6ToV4 => Some("xdp_passed_no_flow"),
+            Self::Domain => Some("xdp_passed_domain"),
+        }
+    }
+}
+
+/// Round trips through the relay with offload on and off. With offload, every datagram
+/// after the first of an IPv4 or IPv6 flow bypasses the relay socket; what XDP does not
+/// offload (a domain, IPv6 to IPv4, an IPv6 flow the proxy would send from another address)
+/// passes to the relay, counted under its reason. Relayed or offloaded, the target sees one
+/// source.
 #[rstest]
-#[case::ipv4_offload(false, true, false)]
-#[case::ipv4_userspace(false, false, false)]
-#[case::ipv6_offload(true, true, false)]
-#[case::ipv6_userspace(true, false, false)]
-#[case::domain(false, true, true)]
+#[case::ipv4_offload(Flow::V4, true)]
+#[case::ipv4_userspace(Flow::V4, false)]
+#[case::ipv6_offload(Flow::V6, true)]
+#[case::ipv6_userspace(Flow::V6, false)]
+#[case::ipv6_other_source(Flow::V6OtherSource, true)]
+#[case::ipv6_to_ipv4(Flow::V6ToV4, true)]
+#[case::domain(Flow::Domain, true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xdp_round_trips(#[case] v6: bool, #[case] offload: bool, #[case] by_name: bool) {
+async fn xdp_round_trips(#[case] flow: Flow, #[case] offload: bool) {
     if !gate("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
-    let daemon = start(&t, v6, offload, "");
-    let a = associate(&t, daemon.addr(), v6).await;
-    let target = Topology::udp(&t.target, t.target_ip(v6));
+    if matches!(flow, Flow::V6) {
+        same_source_v6(&t);
+    }
+    let daemon = start(&t, flow.client_v6(), offload, "");
+    let a = associate(&t, daemon.addr(), flow.client_v6()).await;
+    let target = Topology::udp(&t.target, t.target_ip(flow.target_v6()));
     let taddr = target.local_addr().unwrap();
-    let dst = if by_name {
+    let dst = if matches!(flow, Flow::Domain) {
         Target::Domain(taddr.ip().to_string(), taddr.port())
     } else {
         Target::Ip(taddr)
     };
     // The first exchange goes through the relay, which installs the flow.
-    round_trip(&a, &target, &dst, b"first", b"first reply").await;
+    let src = round_trip(&a, &target, &dst, b"first", b"first reply").await;
+    if matches!(flow, Flow::V4 | Flow::V6) {
+        assert_eq!(src, a.relay, "the relay sent from another address");
+    }
+    // The relay counts a datagram after its send returned, which can be after the reply
+    // arrived: wait for the first exchange (its reply relayed or already offloaded).
+    poll_until(STATS_SETTLE, "the first exchange counted", |last| {
+        let s = daemon.stats();
+        let got = (
+            s.traffic_packets("udp", "relay", "up"),
+            s.traffic_packets("udp", "relay", "down") + s.traffic_packets("udp", "xdp", "down"),
+        );
+        *last = format!("(up, down) {got:?}");
+        (got == (1, 1)).then_some(())
+    })
+    .await;
     let before = daemon.stats();
     let delivered = udp_in_datagrams(daemon.pid());
 
@@ -149,13 +236,16 @@ async fn xdp_round_trips(#[case] v6: bool, #[case] offload: bool, #[case] by_nam
     for i in 0..N {
         let up = Pattern::bytes(0x0d80_0000 + i, 1 + (i as usize * 97) % 1400);
         let down = Pattern::bytes(0x0d81_0000 + i, 1 + (i as usize * 61) % 1400);
-        round_trip(&a, &target, &dst, &up, &down).await;
+        let from = round_trip(&a, &target, &dst, &up, &down).await;
+        assert_eq!(
+            from, src,
+            "datagram {i} reached the target from another source"
+        );
         up_bytes += up.len() as u64;
         down_bytes += down.len() as u64;
     }
     let delivered_after = udp_in_datagrams(daemon.pid());
-    // IPv6 flows are not offloaded yet: they pass to the relay, which must stay correct.
-    let fast = offload && !by_name && !v6;
+    let fast = offload && flow.passed().is_none();
     poll_until(STATS_SETTLE, "XDP and relay counters", |last| {
         let s = daemon.stats();
         let rows = |path: &str| {
@@ -185,12 +275,13 @@ async fn xdp_round_trips(#[case] v6: bool, #[case] offload: bool, #[case] by_nam
                 (0, 0, 0, 0),
                 "the relay socket moved offloaded datagrams: {last}"
             );
-            (fastpath == want && offloaded == (N, N)).then_some(())
+            (fastpath == want && offloaded == (N, N) && iface(&s, "udp", "tx") >= 2 * N)
+                .then_some(())
         } else {
             assert_eq!(
                 offloaded,
                 (0, 0),
-                "offloaded with offload off or a domain: {last}"
+                "offloaded with offload off or a flow XDP does not take: {last}"
             );
             (relay == want).then_some(())
         }
@@ -207,9 +298,13 @@ async fn xdp_round_trips(#[case] v6: bool, #[case] offload: bool, #[case] by_nam
             "the relay socket did not receive the datagrams ({delivered} -> {delivered_after})"
         );
     }
-    if by_name {
+    if let (true, Some(reason)) = (offload, flow.passed()) {
         let s = daemon.stats();
-        assert!(xdp(&s, "xdp_passed_domain") >= N, "{}", s.json["xdp"]);
+        assert!(
+            xdp(&s, reason) - xdp(&before, reason) >= N,
+            "{reason}: {}",
+            s.json["xdp"]
+        );
     }
     drop(a);
     wait_gauge(&daemon, "udp_associations_active", 0).await;
@@ -218,24 +313,31 @@ async fn xdp_round_trips(#[case] v6: bool, #[case] offload: bool, #[case] by_nam
 
 /// Datagrams the relay would drop are dropped by XDP, each counted under its reason, and
 /// never reach the relay socket (its own drop counters stay put).
+#[rstest]
+#[case::ipv4(false)]
+#[case::ipv6(true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xdp_early_drops() {
+async fn xdp_early_drops(#[case] v6: bool) {
     if !gate("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
-    let blocked = t.unused_target_ip(false);
+    if v6 {
+        same_source_v6(&t);
+    }
+    let blocked = t.unused_target_ip(v6);
+    let host = if v6 { 128 } else { 32 };
     let daemon = start(
         &t,
-        false,
+        v6,
         true,
         &format!(
-            "[[socks_rule]]\nname = \"no-99\"\naction = \"block\"\nto = [\"{blocked}/32\"]\n\
+            "[[socks_rule]]\nname = \"no-99\"\naction = \"block\"\nto = [\"{blocked}/{host}\"]\n\
              [[socks_rule]]\nname = \"rest\"\naction = \"pass\"\n"
         ),
     );
-    let a = associate(&t, daemon.addr(), false).await;
-    let target = Topology::udp(&t.target, t.target_ip(false));
+    let a = associate(&t, daemon.addr(), v6).await;
+    let target = Topology::udp(&t.target, t.target_ip(v6));
     let dst = Target::Ip(target.local_addr().unwrap());
     round_trip(&a, &target, &dst, b"ping", b"pong").await;
     // The relay refuses the blocked destination once and tells XDP.
@@ -270,7 +372,7 @@ async fn xdp_early_drops() {
             .unwrap();
     }
     // Foreign: a socket in the target namespace that the client never sent to.
-    let stranger = Topology::udp(&t.target, t.target_ip(false));
+    let stranger = Topology::udp(&t.target, t.target_ip(v6));
     for _ in 0..K {
         stranger.send_to(b"foreign", a.relay).await.unwrap();
     }
@@ -312,15 +414,21 @@ async fn xdp_early_drops() {
 
 /// When the association ends its flow goes: later datagrams from the client to the old relay
 /// port are not forwarded to the target.
+#[rstest]
+#[case::ipv4(false)]
+#[case::ipv6(true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn xdp_teardown_removes_the_flow() {
+async fn xdp_teardown_removes_the_flow(#[case] v6: bool) {
     if !gate("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
-    let daemon = start(&t, false, true, "");
-    let a = associate(&t, daemon.addr(), false).await;
-    let target = Topology::udp(&t.target, t.target_ip(false));
+    if v6 {
+        same_source_v6(&t);
+    }
+    let daemon = start(&t, v6, true, "");
+    let a = associate(&t, daemon.addr(), v6).await;
+    let target = Topology::udp(&t.target, t.target_ip(v6));
     let dst = Target::Ip(target.local_addr().unwrap());
     for i in 0..3u8 {
         round_trip(&a, &target, &dst, &[i; 100], &[i; 50]).await;
@@ -328,7 +436,7 @@ async fn xdp_teardown_removes_the_flow() {
     poll_until(STATS_SETTLE, "offloaded datagrams", |last| {
         let s = daemon.stats();
         *last = s.json["xdp"].to_string();
-        (xdp(&s, "xdp_offloaded_up") >= 2).then_some(())
+        (xdp(&s, "xdp_offloaded_up") >= 2 && xdp(&s, "xdp_offloaded_down") >= 2).then_some(())
     })
     .await;
     let Assoc { _ctl, relay, udp } = a;
@@ -353,8 +461,11 @@ async fn xdp_teardown_removes_the_flow() {
     daemon.stop();
 }
 
-/// Datagrams near the MTU: client -> target shrinks (offloaded); target -> client grows by
-/// the SOCKS header past the MTU, so XDP passes it and the relay sends it (fragmented).
+/// Datagrams near the MTU (1500 on the veths), each arriving intact (so with a correct
+/// checksum). Client -> target shrinks by the SOCKS header: the largest that fits is
+/// offloaded. Target -> client grows by it: a reply that still fits is offloaded, the
+/// largest one would not fit, so XDP passes it (FIB: fragmentation needed) and the relay
+/// sends it fragmented. A client datagram over the MTU arrives fragmented and passes.
 #[rstest]
 #[case::ipv4(false)]
 #[case::ipv6(true)]
@@ -364,31 +475,42 @@ async fn xdp_large_datagrams(#[case] v6: bool) {
         return;
     }
     let t = Topology::new();
+    if v6 {
+        same_source_v6(&t);
+    }
     let daemon = start(&t, v6, true, "");
     let a = associate(&t, daemon.addr(), v6).await;
     let target = Topology::udp(&t.target, t.target_ip(v6));
     let dst = Target::Ip(target.local_addr().unwrap());
     round_trip(&a, &target, &dst, b"small", b"small").await;
+    let before = daemon.stats();
     let (iph, hdr) = if v6 { (40, 22) } else { (20, 10) };
-    // The largest client datagram that fits a 1500-byte MTU, and the largest target reply.
-    let up = Pattern::bytes(0x0d82_0000, 1500 - iph - 8 - hdr);
-    let down = Pattern::bytes(0x0d83_0000, 1500 - iph - 8);
-    for _ in 0..3 {
+    // The largest payload that fits one 1500-byte packet with the SOCKS header, and without.
+    let (with_header, bare) = (1500 - iph - 8 - hdr, 1500 - iph - 8);
+    for i in 0..3 {
+        let up = Pattern::bytes(0x0d82_0000 + i, with_header);
+        let down = Pattern::bytes(0x0d83_0000 + i, with_header);
         round_trip(&a, &target, &dst, &up, &down).await;
     }
+    for i in 0..3 {
+        let down = Pattern::bytes(0x0d84_0000 + i, bare);
+        round_trip(&a, &target, &dst, b"small", &down).await;
+    }
+    let up = Pattern::bytes(0x0d85_0000, 2000);
+    round_trip(&a, &target, &dst, &up, b"small").await;
     poll_until(
         STATS_SETTLE,
-        "large datagrams offloaded up, passed down",
+        "large datagrams offloaded or passed",
         |last| {
             let s = daemon.stats();
-            *last = s.json["xdp"].to_string();
-            let done = if v6 {
-                // IPv6 is not offloaded yet: the relay carries every datagram.
-                xdp(&s, "xdp_offloaded_up") == 0 && xdp(&s, "xdp_offloaded_down") == 0
-            } else {
-                xdp(&s, "xdp_offloaded_up") >= 3 && xdp(&s, "xdp_passed_too_big") >= 3
-            };
-            done.then_some(())
+            let d = |n: &str| xdp(&s, n) - xdp(&before, n);
+            let got = (
+                d("xdp_offloaded_up"),
+                d("xdp_offloaded_down"),
+                d("xdp_passed_too_big"),
+            );
+            *last = format!("(up, down, too big) {got:?} {}", s.json["xdp"]);
+            (got == (6, 4, 3)).then_some(())
         },
     )
     .await;
