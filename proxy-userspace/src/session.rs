@@ -136,6 +136,13 @@ struct Negotiated {
     read_total: u64,
 }
 
+/// What remains of the negotiation buffer: the pipelined payload, without the buffer's spare
+/// capacity (the session keeps it for its whole life).
+fn pipelined(mut buf: Vec<u8>) -> Vec<u8> {
+    buf.shrink_to_fit();
+    buf
+}
+
 /// Replies in the client's SOCKS version.
 #[derive(Clone, Copy)]
 struct Replier {
@@ -210,16 +217,18 @@ pub async fn handle(
         target: None,
         user: None,
     };
+    // Each stage's state is boxed and freed when the stage ends, so that a long-lived relaying
+    // session holds only what relaying needs (a future is as large as its largest state).
     let negotiated = match timeout(
         config.timeouts.negotiation,
-        negotiate(
+        Box::pin(negotiate(
             shared,
             &session,
             &config,
             &mut client,
             peer,
             methods.as_deref(),
-        ),
+        )),
     )
     .await
     {
@@ -475,7 +484,7 @@ async fn negotiate_v4(
         user,
         command,
         address,
-        leftover: buf,
+        leftover: pipelined(buf),
         read_total,
     })
 }
@@ -556,7 +565,7 @@ async fn negotiate_v5(
         user,
         command,
         address,
-        leftover: buf,
+        leftover: pipelined(buf),
         read_total,
     })
 }
@@ -728,7 +737,7 @@ async fn serve(
     n: Negotiated,
 ) -> Result<Served, SessionError> {
     let replier = Replier { version: n.version };
-    let targets = match authorize(shared, session, config, peer, &n).await {
+    let targets = match Box::pin(authorize(shared, session, config, peer, &n)).await {
         Ok(t) => t,
         Err((reply, e)) => return replier.refuse(&mut client, reply, e).await,
     };
@@ -737,30 +746,31 @@ async fn serve(
         acl::Command::Connect => {
             session.set_state(State::Connecting);
             let t0 = Instant::now();
-            let upstream = match timeout(config.timeouts.connect, connect(config, &targets)).await {
-                Ok(Ok(s)) => {
-                    shared
-                        .metrics
-                        .observe(proxy_common::metrics::CONNECT_LATENCY, t0.elapsed());
-                    s
-                }
-                Ok(Err(e)) => {
-                    let reply = reply_for(&e);
-                    let reason = format!("connect to {}: {e}", n.address);
-                    return replier
-                        .refuse(&mut client, reply, refused(reply, reason))
-                        .await;
-                }
-                Err(_) => {
-                    let reason = format!("connect to {} timed out", n.address);
-                    let err = SessionError::Refused {
-                        reply: Reply::TtlExpired,
-                        reason,
-                        failure: Failure::ConnectTimeout,
-                    };
-                    return replier.refuse(&mut client, Reply::TtlExpired, err).await;
-                }
-            };
+            let upstream =
+                match timeout(config.timeouts.connect, Box::pin(connect(config, &targets))).await {
+                    Ok(Ok(s)) => {
+                        shared
+                            .metrics
+                            .observe(proxy_common::metrics::CONNECT_LATENCY, t0.elapsed());
+                        s
+                    }
+                    Ok(Err(e)) => {
+                        let reply = reply_for(&e);
+                        let reason = format!("connect to {}: {e}", n.address);
+                        return replier
+                            .refuse(&mut client, reply, refused(reply, reason))
+                            .await;
+                    }
+                    Err(_) => {
+                        let reason = format!("connect to {} timed out", n.address);
+                        let err = SessionError::Refused {
+                            reply: Reply::TtlExpired,
+                            reason,
+                            failure: Failure::ConnectTimeout,
+                        };
+                        return replier.refuse(&mut client, Reply::TtlExpired, err).await;
+                    }
+                };
             let bound = upstream
                 .local_addr()
                 .map_err(io_err("reading the outbound address"))?;
@@ -768,14 +778,23 @@ async fn serve(
             upstream
         }
         acl::Command::Bind => {
-            match bind(shared, session, config, &mut client, replier, &targets).await? {
+            match Box::pin(bind(
+                shared,
+                session,
+                config,
+                &mut client,
+                replier,
+                &targets,
+            ))
+            .await?
+            {
                 Some(s) => s,
                 None => return Ok(Served::BindAbandoned),
             }
         }
         acl::Command::UdpAssociate => {
             session.set_state(State::Udp);
-            return udp_associate(shared, config, &mut client, peer, &n)
+            return Box::pin(udp_associate(shared, config, &mut client, peer, &n))
                 .await
                 .map(Served::Udp);
         }
@@ -796,7 +815,10 @@ async fn serve(
         ..Consumed::default()
     };
     Ok(Served::Relayed(
-        relay::relay(shared, session, config, id, client, upstream, consumed).await,
+        Box::pin(relay::relay(
+            shared, session, config, id, client, upstream, consumed,
+        ))
+        .await,
     ))
 }
 

@@ -95,34 +95,32 @@ pub async fn relay(
     consumed: Consumed,
 ) -> Outcome {
     let idle = config.timeouts.idle;
-    let sockmap = shared.sockmap();
-    let (client, upstream, consumed) = match (config.data_path, sockmap) {
-        (DataPathMode::Sockmap, Some(_)) => {
-            match to_sockmap(
-                shared, session, session_id, client, upstream, consumed, idle,
-            )
-            .await
-            {
-                Ok(outcome) => return outcome,
-                Err(f) => f,
-            }
+    let sockmap = shared.sockmap().is_some();
+    // Every path's future is boxed: a future is as large as its largest state, so only the
+    // running path's state is allocated while a session lives.
+    let (client, upstream, consumed) = if config.data_path == DataPathMode::Sockmap && sockmap {
+        match Box::pin(to_sockmap(
+            shared, session, session_id, client, upstream, consumed, idle,
+        ))
+        .await
+        {
+            Ok(outcome) => return outcome,
+            Err(f) => f,
         }
-        _ => (client, upstream, consumed),
+    } else {
+        (client, upstream, consumed)
     };
     let path = if config.data_path == DataPathMode::Copy {
         DataPath::Copy
     } else {
         DataPath::Splice
     };
-    let uncounted = (
-        consumed.forwarded - consumed.counted_up,
-        consumed.forwarded_down - consumed.counted_down,
+    count_handover(
+        shared,
+        path,
+        &consumed,
+        (consumed.counted_up, consumed.counted_down),
     );
-    for (dir, n) in [(Direction::Up, uncounted.0), (Direction::Down, uncounted.1)] {
-        if n > 0 {
-            shared.metrics.add_traffic(path, dir, n);
-        }
-    }
     let bytes = Arc::new(ByteCounters::default());
     bytes.down.store(consumed.forwarded_down, Relaxed);
     session.relaying(
@@ -132,61 +130,109 @@ pub async fn relay(
         Some(bytes.clone()),
         consumed.forwarded,
     );
-    let promotion = match (config.data_path, sockmap) {
-        (DataPathMode::Auto, Some(_)) => Some(splice::Promotion::default()),
-        _ => None,
-    };
+    let promotion =
+        (config.data_path == DataPathMode::Auto && sockmap).then(splice::Promotion::default);
     let mut outcome = match path {
-        DataPath::Copy => copy::relay(shared, client, upstream, idle, &bytes).await,
-        _ => {
-            match splice::relay(shared, client, upstream, idle, &bytes, promotion.as_ref()).await {
-                splice::Spliced::Done(outcome) => outcome,
-                splice::Spliced::Promoted { client, upstream } => {
-                    let (up, down) = (bytes.up.load(Relaxed), bytes.down.load(Relaxed));
-                    let moved = Consumed {
-                        from_client: consumed.from_client + up,
-                        from_upstream: consumed.from_upstream + down,
-                        forwarded: consumed.forwarded + up,
-                        forwarded_down: down,
-                        counted_up: consumed.forwarded + up,
-                        counted_down: down,
-                    };
-                    shared.metrics.inc(Counter::SessionsPromoted);
-                    match to_sockmap(shared, session, session_id, client, upstream, moved, idle)
-                        .await
-                    {
-                        Ok(mut outcome) => {
-                            outcome.promoted = true;
-                            return outcome;
-                        }
-                        // The pair stays on splice(2), now without promotion.
-                        Err((client, upstream, left)) => {
-                            let extra_up = left.forwarded - left.counted_up;
-                            let extra_down = left.forwarded_down - left.counted_down;
-                            bytes.up.fetch_add(extra_up, Relaxed);
-                            bytes.down.fetch_add(extra_down, Relaxed);
-                            for (dir, n) in
-                                [(Direction::Up, extra_up), (Direction::Down, extra_down)]
-                            {
-                                if n > 0 {
-                                    shared.metrics.add_traffic(DataPath::Splice, dir, n);
-                                }
-                            }
-                            match splice::relay(shared, client, upstream, idle, &bytes, None).await
-                            {
-                                splice::Spliced::Done(outcome) => outcome,
-                                splice::Spliced::Promoted { .. } => {
-                                    unreachable!("no promotion without a Promotion")
-                                }
-                            }
-                        }
-                    }
+        DataPath::Copy => Box::pin(copy::relay(shared, client, upstream, idle, &bytes)).await,
+        _ => match Box::pin(splice::relay(
+            shared,
+            client,
+            upstream,
+            idle,
+            &bytes,
+            promotion.as_ref(),
+        ))
+        .await
+        {
+            splice::Spliced::Done(outcome) => outcome,
+            splice::Spliced::Promoted { client, upstream } => {
+                let pair = (client, upstream);
+                let promoted = promote(shared, session, session_id, pair, consumed, &bytes, idle);
+                match Box::pin(promoted).await {
+                    Ok(outcome) => return outcome,
+                    Err(outcome) => outcome,
                 }
             }
-        }
+        },
     };
     outcome.up += consumed.forwarded;
     outcome
+}
+
+/// Adds the payload the daemon moved itself at a handover to `path`'s traffic figures, less
+/// what an earlier path already counted (`counted`: up, down).
+fn count_handover(shared: &Shared, path: DataPath, consumed: &Consumed, counted: (u64, u64)) {
+    for (dir, n) in [
+        (Direction::Up, consumed.forwarded - counted.0),
+        (Direction::Down, consumed.forwarded_down - counted.1),
+    ] {
+        if n > 0 {
+            shared.metrics.add_traffic(path, dir, n);
+        }
+    }
+}
+
+/// Moves a session that splice(2) stopped for its promotion into the sockhash. `Ok`: the
+/// session's outcome there. `Err`: the kernel refused the pair, which then finished on
+/// splice(2) (its `up` still lacks `consumed.forwarded`, like any splice(2) outcome).
+async fn promote(
+    shared: &Shared,
+    session: &SessionHandle<'_>,
+    session_id: u64,
+    (client, upstream): (TcpStream, TcpStream),
+    consumed: Consumed,
+    bytes: &Arc<ByteCounters>,
+    idle: Duration,
+) -> Result<Outcome, Outcome> {
+    let (up, down) = (bytes.up.load(Relaxed), bytes.down.load(Relaxed));
+    let moved = Consumed {
+        from_client: consumed.from_client + up,
+        from_upstream: consumed.from_upstream + down,
+        forwarded: consumed.forwarded + up,
+        forwarded_down: down,
+        counted_up: consumed.forwarded + up,
+        counted_down: down,
+    };
+    shared.metrics.inc(Counter::SessionsPromoted);
+    match to_sockmap(shared, session, session_id, client, upstream, moved, idle).await {
+        Ok(mut outcome) => {
+            outcome.promoted = true;
+            Ok(outcome)
+        }
+        Err((client, upstream, left)) => {
+            // What the handover moved before the refusal belongs to splice(2)'s figures.
+            count_handover(
+                shared,
+                DataPath::Splice,
+                &left,
+                (moved.forwarded, moved.forwarded_down),
+            );
+            bytes
+                .up
+                .fetch_add(left.forwarded - moved.forwarded, Relaxed);
+            bytes
+                .down
+                .fetch_add(left.forwarded_down - moved.forwarded_down, Relaxed);
+            session.relaying(
+                DataPath::Splice,
+                &client,
+                &upstream,
+                Some(bytes.clone()),
+                consumed.forwarded,
+            );
+            match splice::relay(shared, client, upstream, idle, bytes, None).await {
+                splice::Spliced::Done(outcome) => Err(outcome),
+                // Without a `Promotion` splice(2) runs to the end.
+                splice::Spliced::Promoted { .. } => Err(Outcome {
+                    path: DataPath::Splice,
+                    up: bytes.up.load(Relaxed),
+                    down: bytes.down.load(Relaxed),
+                    end: End::Error(io::Error::other("promotion without a request")),
+                    promoted: false,
+                }),
+            }
+        }
+    }
 }
 
 /// Hands the pair to the sockhash; on refusal, gives it back with what the handover moved.

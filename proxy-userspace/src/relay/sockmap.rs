@@ -198,7 +198,7 @@ pub async fn relay(
                 if pair.upstream_active {
                     down_dir.run(shared).await
                 } else {
-                    copy_rest(shared, &upstream, &uw, &client, Direction::Down).await
+                    Box::pin(copy_rest(shared, &upstream, &uw, &client, Direction::Down)).await
                 }
             };
             // Idle time is judged on the kernel's per-socket counters.
@@ -302,12 +302,14 @@ impl Dir<'_> {
             tokio::select! {
                 () = self.src_watch.changed() => {}
                 () = async { match &brake { Some(b) => b.fired().await, None => std::future::pending().await } } => {
-                    self.brake(shared).await?;
+                    // Boxed, here and below: rare steps that would otherwise enlarge every
+                    // spliced session's state.
+                    Box::pin(self.brake(shared)).await?;
                 }
             }
         }
-        self.flush(shared).await?;
-        drain(self.src, self.dst, self.consumed_src, self.sent0_dst).await?;
+        Box::pin(self.flush(shared)).await?;
+        Box::pin(drain(self.src, self.dst, self.consumed_src, self.sent0_dst)).await?;
         sys::shutdown_write(self.dst.as_fd())
     }
 
