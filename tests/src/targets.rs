@@ -50,9 +50,27 @@ impl<T> Drop for Task<T> {
 }
 
 /// Binds a listener on `addr` (e.g. `127.0.0.1:0`, `[::1]:0`).
+///
+/// The backlog is the kernel's maximum (`net.core.somaxconn` caps it), not tokio's 1024: tests
+/// that open hundreds of sessions at once must not overflow the target's accept queue, which
+/// ends in a SYN retransmit, a failed syncookie and a reset that is not the daemon's.
 pub async fn listen(addr: &str) -> TcpListener {
-    TcpListener::bind(addr)
-        .await
+    let parsed: std::net::SocketAddr = match tokio::net::lookup_host(addr).await {
+        Ok(mut a) => a
+            .next()
+            .unwrap_or_else(|| panic!("bind {addr}: no address")),
+        Err(e) => panic!("bind {addr}: {e}"),
+    };
+    let socket = if parsed.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .unwrap_or_else(|e| panic!("socket for {addr}: {e}"));
+    socket
+        .set_reuseaddr(true)
+        .and_then(|()| socket.bind(parsed))
+        .and_then(|()| socket.listen(4096))
         .unwrap_or_else(|e| panic!("bind {addr}: {e}"))
 }
 
