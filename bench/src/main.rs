@@ -31,7 +31,7 @@ const PEERS: [&str; 2] = ["microsocks", "dante"];
     name = "ebsocks-bench",
     version,
     about = "Loopback benchmark of ebsocks' data paths against direct connections and other SOCKS5 servers",
-    after_help = "Workloads: bulk-up-1, bulk-up-8, bulk-down-1, bulk-down-8, rr, conn-rate \
+    after_help = "Workloads: bulk-up-1, bulk-up-8, bulk-down-1, bulk-down-8, rr, conn-rate, fair-1000 \
                   (a prefix such as bulk-up or bulk selects every workload it starts).\n\
                   Subjects: direct, ebsocks-<path> for each --paths entry, and microsocks / dante when installed.\n\
                   Run as root (ebsocks loads eBPF programs). Only 127.0.0.1 is used."
@@ -86,6 +86,28 @@ pub fn interrupted() -> bool {
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (children inherit it); returns the limit
+/// in force.
+pub fn raise_nofile_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid, writable rlimit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        lim.rlim_cur
+    }
 }
 
 fn install_signal_handlers() {
@@ -181,6 +203,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
 
     install_signal_handlers();
+    // fair-1000 holds thousands of sockets in this process; servers inherit the limit.
+    let nofile = raise_nofile_limit();
     let started = Instant::now();
     let date = utc_now();
     let machine = Machine::detect();
@@ -253,13 +277,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     let n_avail = subjects.iter().filter(|s| s.available()).count();
     let total_runs = n_avail * workloads.len() * cli.repeat;
+    let estimate: f64 =
+        workloads.iter().map(|w| w.estimate_s(&set)).sum::<f64>() * (n_avail * cli.repeat) as f64;
     eprintln!(
         "{total_runs} runs ({n_avail} subjects × {} workloads × {} repeats) of {} s + {} s warm-up: about {:.0} s",
         workloads.len(),
         cli.repeat,
         cli.seconds,
         warmup,
-        total_runs as f64 * (cli.seconds + warmup + 0.15) + 5.0
+        estimate + 5.0
     );
 
     // outcomes[subject][workload] = one entry per run.
@@ -287,16 +313,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     break 'outer;
                 }
                 let line = match &res {
-                    Ok(x) => {
-                        let m = w.metric();
-                        let fig = x.figure(m).unwrap_or(f64::NAN);
-                        let extra = if x.errors > 0 {
-                            format!(" ({} errors)", x.errors)
-                        } else {
-                            String::new()
-                        };
-                        format!("{fig:.2} {}{extra}", m.unit())
-                    }
+                    Ok(x) => x.progress(*w),
                     Err(e) => format!("failed: {e:#}"),
                 };
                 eprintln!(
@@ -357,6 +374,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repeat: cli.repeat,
             paths: paths.clone(),
             workloads: workloads.iter().map(|w| w.name()).collect(),
+            nofile_limit: nofile,
             peers,
             ebsocks: (!paths.is_empty()).then(|| ebsocks.display().to_string()),
         },

@@ -59,6 +59,10 @@ pub struct Cell {
     pub machine_cpu: Option<Stat>,
     /// Highest peak RSS of the server's processes over the runs, KiB.
     pub daemon_peak_rss_kib: Option<u64>,
+    /// `fair-1000`: Jain's fairness index over the sessions.
+    pub jain_index: Option<Stat>,
+    /// `fair-1000`: the slowest session's bytes over the mean.
+    pub min_share: Option<Stat>,
     pub errors: u64,
     pub runs: Vec<RunSample>,
     /// Runs that produced no figure, with the reason.
@@ -98,7 +102,7 @@ impl Cell {
             notes.push(format!(
                 "in {lingering} of {} run(s) the target still had connections open {} s after the clients closed",
                 runs.len(),
-                crate::workloads::DRAIN_TIMEOUT.as_secs_f64()
+                w.drain_timeout().as_secs_f64()
             ));
         } else if let Some(lag) = close_lag.filter(|l| l.median >= 100.0) {
             notes.push(format!(
@@ -135,6 +139,8 @@ impl Cell {
                     .filter_map(|r| r.cpu_per_unit(m, r.machine_cpu_s)),
             ),
             daemon_peak_rss_kib: runs.iter().filter_map(|r| r.daemon_peak_rss_kib).max(),
+            jain_index: Stat::of(runs.iter().filter_map(|r| r.jain_index)),
+            min_share: Stat::of(runs.iter().filter_map(|r| r.min_share)),
             errors,
             runs,
             failed_runs,
@@ -150,6 +156,8 @@ pub struct Settings {
     pub repeat: usize,
     pub paths: Vec<String>,
     pub workloads: Vec<String>,
+    /// The open-files limit of the benchmark and of the servers it starts.
+    pub nofile_limit: u64,
     pub peers: Vec<String>,
     pub ebsocks: Option<String>,
 }
@@ -283,22 +291,29 @@ impl Report {
             let m = w.metric();
             let _ = writeln!(o, "## {}\n\n{}.\n", w.name(), w.describe());
             let cu = m.cpu_unit();
-            match m {
-                Metric::Throughput => {
+            match (w, m) {
+                (Workload::Fair { .. }, _) => {
+                    let _ = writeln!(
+                        o,
+                        "| subject | Gbit/s | min–max | × direct | Jain index | min/mean | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
+                         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                    );
+                }
+                (_, Metric::Throughput) => {
                     let _ = writeln!(
                         o,
                         "| subject | Gbit/s | min–max | × direct | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
                          |---|---:|---:|---:|---:|---:|---:|---|"
                     );
                 }
-                Metric::Latency => {
+                (_, Metric::Latency) => {
                     let _ = writeln!(
                         o,
                         "| subject | p50 µs | min–max p50 | p99 µs | × direct (p50) | req/s | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
                          |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
                     );
                 }
-                Metric::SessionRate => {
+                (_, Metric::SessionRate) => {
                     let _ = writeln!(
                         o,
                         "| subject | sessions/s | min–max | × direct | session p50 / p99 ms | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
@@ -332,8 +347,22 @@ impl Report {
                     .map(|n| one_line(n, 160))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let row = match m {
-                    Metric::Throughput => format!(
+                let opt = |st: Option<Stat>, digits: usize| {
+                    st.map(|x| format!("{:.*}", digits, x.median))
+                        .unwrap_or("n/a".into())
+                };
+                let row = match (w, m) {
+                    (Workload::Fair { .. }, _) => format!(
+                        "| {} | {} | {} | {ratio} | {} | {} | {} | {} | {rss} | {notes} |",
+                        c.subject,
+                        fig(c.figure),
+                        range(c.figure),
+                        opt(c.jain_index, 3),
+                        opt(c.min_share, 2),
+                        cpu(c.daemon_cpu),
+                        cpu(c.machine_cpu)
+                    ),
+                    (_, Metric::Throughput) => format!(
                         "| {} | {} | {} | {ratio} | {} | {} | {rss} | {notes} |",
                         c.subject,
                         fig(c.figure),
@@ -341,7 +370,7 @@ impl Report {
                         cpu(c.daemon_cpu),
                         cpu(c.machine_cpu)
                     ),
-                    Metric::Latency => format!(
+                    (_, Metric::Latency) => format!(
                         "| {} | {} | {} | {} | {ratio} | {} | {} | {} | {rss} | {notes} |",
                         c.subject,
                         fig(c.figure),
@@ -355,7 +384,7 @@ impl Report {
                         cpu(c.daemon_cpu),
                         cpu(c.machine_cpu)
                     ),
-                    Metric::SessionRate => format!(
+                    (_, Metric::SessionRate) => format!(
                         "| {} | {} | {} | {ratio} | {} | {} | {} | {rss} | {notes} |",
                         c.subject,
                         fig(c.figure),
