@@ -4,6 +4,8 @@
 //! run for the measured window, takes a second snapshot, stops them and waits (bounded) for
 //! the clients and the target's connections to close.
 //!
+//! `idle-10k` has no measured window of traffic and runs its own sequence (see [`crate::idle`]).
+//!
 //! To add a workload: add a variant to [`Workload`], give it a name, description, metric and
 //! target kind, list it in [`Workload::all`], and start its clients in [`start_clients`].
 
@@ -19,13 +21,14 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 
+use crate::idle::IdleSample;
 use crate::procfs::machine_busy_seconds;
 use crate::socks;
 use crate::subjects::Subject;
 use crate::targets::{pattern, Meter, Target, TargetKind, BULK_BUF};
 
 /// Bound on connecting and on the SOCKS5 handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on one request/response exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on one short session (connect, handshake, one exchange).
@@ -40,6 +43,10 @@ const FAIR_CONNECTING: usize = 64;
 const FAIR_MIN_WARMUP: Duration = Duration::from_millis(500);
 /// Concurrent sessions of `fair-1000`.
 pub const FAIR_SESSIONS: usize = 1000;
+/// Idle sessions `idle-10k` opens by default: the largest round count that fits under ebsocks'
+/// descriptor limit on the 20,000-descriptor test machine, where the sockmap and copy paths
+/// hold 9,984 (two descriptors a session, 31 for the daemon itself; see [`crate::idle`]).
+pub const IDLE_SESSIONS: usize = 9_900;
 /// How long clients may take to stop after the window.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the target's connections may stay open after the clients closed theirs.
@@ -71,6 +78,9 @@ pub enum Workload {
     /// `sessions` concurrent bulk transfers client -> sink, all set up before any sends;
     /// aggregate Gbit/s and Jain's fairness index over the sessions.
     Fair { sessions: usize },
+    /// Up to `sessions` established sessions that carry nothing; the server's memory per
+    /// session.
+    Idle { sessions: usize },
 }
 
 /// What a workload's main figure is, which decides units and the direction of "better".
@@ -83,6 +93,8 @@ pub enum Metric {
     Latency,
     /// Sessions per second; CPU per session.
     SessionRate,
+    /// Server RSS per idle session in KiB (lower is better); no CPU figure.
+    Memory,
 }
 
 impl Metric {
@@ -91,6 +103,7 @@ impl Metric {
             Metric::Throughput => "Gbit/s",
             Metric::Latency => "µs (p50)",
             Metric::SessionRate => "sessions/s",
+            Metric::Memory => "KiB/session",
         }
     }
 
@@ -99,11 +112,12 @@ impl Metric {
             Metric::Throughput => "s/GiB",
             Metric::Latency => "µs/req",
             Metric::SessionRate => "µs/session",
+            Metric::Memory => "n/a",
         }
     }
 
     pub fn higher_is_better(self) -> bool {
-        self != Metric::Latency
+        !matches!(self, Metric::Latency | Metric::Memory)
     }
 }
 
@@ -134,6 +148,9 @@ impl Workload {
             Workload::Fair {
                 sessions: FAIR_SESSIONS,
             },
+            Workload::Idle {
+                sessions: IDLE_SESSIONS,
+            },
         ]
     }
 
@@ -150,6 +167,8 @@ impl Workload {
             Workload::Rr { .. } => "rr".into(),
             Workload::ConnRate { .. } => "conn-rate".into(),
             Workload::Fair { sessions } => format!("fair-{sessions}"),
+            // The name stays when `--idle-sessions` changes the count.
+            Workload::Idle { .. } => "idle-10k".into(),
         }
     }
 
@@ -177,6 +196,24 @@ impl Workload {
                  equal; min/mean: the slowest session against the average)",
                 BULK_BUF / 1024
             ),
+            Workload::Idle { sessions } => format!(
+                "up to {sessions} established sessions that carry nothing, opened in batches of {} \
+                 (the first batch with a refused session ends the set-up, bounded to {} s), the \
+                 targets in a separate echo process. Sessions open = held at both ends when the \
+                 memory is read, {} s after the last one was opened; echoed = sessions that then \
+                 returned 16 bytes of their own. Each run starts a fresh server (memory freed by \
+                 earlier runs but kept by the process would make sessions look free). Server RSS = \
+                 VmRSS before and after; per session = (after − before) / sessions open; at 100k \
+                 = before + 100,000 × per session. Server fds = descriptors the server holds per \
+                 session; server CPU idle = its CPU while every session is open. Kernel slab = \
+                 growth of the machine's unreclaimable slab (SUnreclaim) per session: every socket \
+                 of a session (client, target and the server's two) and whatever the server adds. \
+                 direct has no server: its row shows that the load generator and the target hold \
+                 that many sessions, and the kernel's cost of a direct connection's two sockets",
+                crate::idle::BATCH,
+                crate::idle::SETUP_TIMEOUT.as_secs(),
+                fmt_secs(crate::idle::SETTLE)
+            ),
         }
     }
 
@@ -186,17 +223,25 @@ impl Workload {
             Workload::Rr { .. } => Metric::Latency,
             Workload::ConnRate { .. } => Metric::SessionRate,
             Workload::Fair { .. } => Metric::Throughput,
+            Workload::Idle { .. } => Metric::Memory,
         }
     }
 
+    /// The in-process target; `idle-10k` runs its echo target in a separate process instead.
     fn target(&self) -> TargetKind {
         match self {
             Workload::Bulk { dir: Dir::Up, .. } => TargetKind::Sink,
             Workload::Bulk { dir: Dir::Down, .. } => TargetKind::Source,
             Workload::Rr { .. } => TargetKind::Echo,
-            Workload::ConnRate { .. } => TargetKind::EchoAsync,
+            Workload::ConnRate { .. } | Workload::Idle { .. } => TargetKind::EchoAsync,
             Workload::Fair { .. } => TargetKind::SinkAsync,
         }
+    }
+
+    /// Whether each run needs a freshly started server: `idle-10k` reads the server's memory
+    /// growth, which memory that earlier runs freed but the process kept would hide.
+    pub fn fresh_server(&self) -> bool {
+        matches!(self, Workload::Idle { .. })
     }
 
     /// How long the target's connections may stay open after the clients closed theirs.
@@ -212,9 +257,17 @@ impl Workload {
         let window = set.window.as_secs_f64();
         match self {
             Workload::Fair { .. } => window + set.warmup.max(FAIR_MIN_WARMUP).as_secs_f64() + 1.0,
+            Workload::Idle { sessions } => {
+                crate::idle::SETTLE.as_secs_f64() + 3.0 + *sessions as f64 / 5_000.0
+            }
             _ => window + set.warmup.as_secs_f64() + 0.15,
         }
     }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    let s = format!("{:.1}", d.as_secs_f64());
+    s.trim_end_matches(".0").to_string()
 }
 
 /// Measured values of one run; the window is between the two snapshots.
@@ -244,6 +297,9 @@ pub struct RunSample {
     pub jain_index: Option<f64>,
     /// `fair-1000`: the slowest session's bytes in the window over the mean.
     pub min_share: Option<f64>,
+    /// `idle-10k`: sessions, memory and the echo check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleSample>,
     /// Target connections still open [`Workload::drain_timeout`] after the clients closed.
     pub lingering_target_conns: usize,
     /// Time from the clients having closed to the last target connection closing (None when
@@ -258,19 +314,21 @@ impl RunSample {
             Metric::Throughput => self.gbit_s,
             Metric::Latency => self.p50_us,
             Metric::SessionRate => self.ops_per_s,
+            Metric::Memory => self.idle.as_ref().and_then(|i| i.rss_per_session_kib),
         }
     }
 
     /// One line for the progress output.
     pub fn progress(&self, w: Workload) -> String {
         let m = w.metric();
-        let mut line = match self.jain_index {
-            Some(j) => format!(
+        let mut line = match (&self.idle, self.jain_index) {
+            (Some(i), _) => i.progress(),
+            (None, Some(j)) => format!(
                 "{:.2} {}, Jain {j:.3}",
                 self.figure(m).unwrap_or(f64::NAN),
                 m.unit()
             ),
-            None => format!("{:.2} {}", self.figure(m).unwrap_or(f64::NAN), m.unit()),
+            (None, None) => format!("{:.2} {}", self.figure(m).unwrap_or(f64::NAN), m.unit()),
         };
         if self.errors > 0 {
             line.push_str(&format!(" ({} errors)", self.errors));
@@ -287,6 +345,7 @@ impl RunSample {
             Metric::Latency | Metric::SessionRate => {
                 (self.ops > 0).then(|| cpu_s / self.ops as f64 * 1e6)
             }
+            Metric::Memory => None,
         }
     }
 }
@@ -357,6 +416,9 @@ pub fn run_once(
     set: &Settings,
     rt: &tokio::runtime::Runtime,
 ) -> Result<RunSample> {
+    if let Workload::Idle { sessions } = w {
+        return crate::idle::run(sessions, subject, rt);
+    }
     let target = Target::start(w.target(), rt.handle())?;
     let shared = Arc::new(Shared {
         phase: AtomicU8::new(PHASE_SETUP),
@@ -505,6 +567,7 @@ pub fn run_once(
                 .filter(|_| mean > 0.0)
                 .map(|&m| m as f64 / mean);
         }
+        Workload::Idle { .. } => unreachable!("idle-10k runs in crate::idle"),
         Workload::Rr { size } | Workload::ConnRate { size, .. } => {
             s.bytes = ops * size as u64 * 2;
             s.ops_per_s = Some(ops as f64 / window_s);
@@ -655,6 +718,7 @@ fn start_clients(
             }
             Ok(sessions)
         }
+        Workload::Idle { .. } => unreachable!("idle-10k runs in crate::idle"),
     }
 }
 
