@@ -942,3 +942,23 @@ async fn short_session(proxy: Option<SocketAddr>, target: SocketAddrV4, req: &[u
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::jain_index;
+
+    #[test]
+    fn jain_index_is_one_for_equal_shares_and_one_over_n_for_one_winner() {
+        assert_eq!(jain_index(&[7, 7, 7, 7]), Some(1.0));
+        assert_eq!(jain_index(&[0, 0, 9, 0]), Some(0.25));
+        // Two sessions at x and 3x: (4x)² / (2 · 10x²) = 0.8.
+        let j = jain_index(&[100, 300]).expect("some bytes");
+        assert!((j - 0.8).abs() < 1e-12, "{j}");
+    }
+
+    #[test]
+    fn jain_index_needs_bytes() {
+        assert_eq!(jain_index(&[]), None);
+        assert_eq!(jain_index(&[0, 0]), None);
+    }
+}
