@@ -2,6 +2,7 @@
 //! against direct loopback connections in one invocation, and reports figures as ratios to the
 //! direct baseline of the same invocation.
 
+mod idle;
 mod procfs;
 mod report;
 mod socks;
@@ -20,7 +21,7 @@ use clap::Parser;
 
 use crate::procfs::{utc_now, Machine};
 use crate::report::{Cell, Report};
-use crate::subjects::{EbsocksSpec, Subject};
+use crate::subjects::{EbsocksSpec, Start, Subject};
 use crate::workloads::{RunSample, Settings, Workload};
 
 const DATA_PATHS: [&str; 4] = ["sockmap", "splice", "copy", "auto"];
@@ -31,8 +32,8 @@ const PEERS: [&str; 2] = ["microsocks", "dante"];
     name = "ebsocks-bench",
     version,
     about = "Loopback benchmark of ebsocks' data paths against direct connections and other SOCKS5 servers",
-    after_help = "Workloads: bulk-up-1, bulk-up-8, bulk-down-1, bulk-down-8, rr, conn-rate \
-                  (a prefix such as bulk-up or bulk selects every workload it starts).\n\
+    after_help = "Workloads: bulk-up-1, bulk-up-8, bulk-down-1, bulk-down-8, rr, conn-rate, fair-1000, \
+                  idle-10k (a prefix such as bulk-up or bulk selects every workload it starts).\n\
                   Subjects: direct, ebsocks-<path> for each --paths entry, and microsocks / dante when installed.\n\
                   Run as root (ebsocks loads eBPF programs). Only 127.0.0.1 is used."
 )]
@@ -70,6 +71,12 @@ struct Cli {
     /// Keep the working directory (server logs, generated configs)
     #[arg(long)]
     keep_logs: bool,
+    /// Sessions idle-10k opens; it stops early, and says so, at the first refused session
+    #[arg(long, default_value_t = workloads::IDLE_SESSIONS)]
+    idle_sessions: usize,
+    /// Run as the echo target process of idle-10k (started by ebsocks-bench itself)
+    #[arg(long = "echo-target-helper", hide = true)]
+    echo_target_helper: bool,
     /// Also measure 512-byte UDP datagrams through the relay (userspace only vs XDP offload)
     /// against a direct send, in a network-namespace topology; `--workloads none` runs only
     /// this
@@ -88,6 +95,28 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (children inherit it); returns the limit
+/// in force.
+pub fn raise_nofile_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid, writable rlimit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
 fn install_signal_handlers() {
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -104,8 +133,16 @@ fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_workloads(s: &str) -> Result<Vec<Workload>> {
-    let all = Workload::all();
+fn parse_workloads(s: &str, idle_sessions: usize) -> Result<Vec<Workload>> {
+    let all: Vec<Workload> = Workload::all()
+        .into_iter()
+        .map(|w| match w {
+            Workload::Idle { .. } => Workload::Idle {
+                sessions: idle_sessions,
+            },
+            w => w,
+        })
+        .collect();
     let tokens = split_list(s);
     if tokens.iter().any(|t| t == "all") {
         return Ok(all);
@@ -140,6 +177,9 @@ fn background_busy_cpus() -> f64 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.echo_target_helper {
+        return idle::serve_echo_target();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -156,7 +196,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if !(1..=100).contains(&cli.repeat) {
         bail!("--repeat must be between 1 and 100");
     }
-    let workloads = parse_workloads(&cli.workloads)?;
+    if !(1..=1_000_000).contains(&cli.idle_sessions) {
+        bail!("--idle-sessions must be between 1 and 1000000");
+    }
+    let workloads = parse_workloads(&cli.workloads, cli.idle_sessions)?;
     if workloads.is_empty() && !cli.udp {
         bail!("no workload selected");
     }
@@ -181,6 +224,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
 
     install_signal_handlers();
+    // fair-1000 and idle-10k hold thousands of sockets in this process; servers inherit it.
+    let nofile = raise_nofile_limit();
     let started = Instant::now();
     let date = utc_now();
     let machine = Machine::detect();
@@ -213,21 +258,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 continue;
             }
             eprintln!("starting {name}");
-            subjects.push(subjects::start_ebsocks(&EbsocksSpec {
-                binary: &ebsocks,
-                data_path: p,
-                workdir: &workdir,
-                log_level: &cli.daemon_log,
-                pin_root: &pin_root,
-            }));
+            subjects.push(
+                Start::Ebsocks(EbsocksSpec {
+                    binary: ebsocks.clone(),
+                    data_path: p.clone(),
+                    workdir: workdir.clone(),
+                    log_level: cli.daemon_log.clone(),
+                    pin_root: pin_root.clone(),
+                    max_sessions: nofile,
+                })
+                .start(),
+            );
         }
     }
     for p in &peers {
         eprintln!("starting {p}");
-        subjects.push(match p.as_str() {
-            "microsocks" => subjects::start_microsocks(&workdir),
-            _ => subjects::start_dante(&workdir),
-        });
+        let workdir = workdir.clone();
+        subjects.push(
+            match p.as_str() {
+                "microsocks" => Start::Microsocks { workdir },
+                _ => Start::Dante { workdir },
+            }
+            .start(),
+        );
     }
     for s in &subjects {
         match (&s.info.unavailable_reason, &s.info.listen) {
@@ -253,13 +306,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     let n_avail = subjects.iter().filter(|s| s.available()).count();
     let total_runs = n_avail * workloads.len() * cli.repeat;
+    let estimate: f64 =
+        workloads.iter().map(|w| w.estimate_s(&set)).sum::<f64>() * (n_avail * cli.repeat) as f64;
     eprintln!(
         "{total_runs} runs ({n_avail} subjects × {} workloads × {} repeats) of {} s + {} s warm-up: about {:.0} s",
         workloads.len(),
         cli.repeat,
         cli.seconds,
         warmup,
-        total_runs as f64 * (cli.seconds + warmup + 0.15) + 5.0
+        estimate + 5.0
     );
 
     // outcomes[subject][workload] = one entry per run.
@@ -281,22 +336,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     eprintln!("{}: {}", s.name, why);
                     continue;
                 }
+                if w.fresh_server() {
+                    if let Err(why) = s.restart() {
+                        eprintln!("{}: {why}", s.name);
+                        continue;
+                    }
+                }
                 done += 1;
                 let res = workloads::run_once(*w, s, &set, &rt);
                 if interrupted() {
                     break 'outer;
                 }
                 let line = match &res {
-                    Ok(x) => {
-                        let m = w.metric();
-                        let fig = x.figure(m).unwrap_or(f64::NAN);
-                        let extra = if x.errors > 0 {
-                            format!(" ({} errors)", x.errors)
-                        } else {
-                            String::new()
-                        };
-                        format!("{fig:.2} {}{extra}", m.unit())
-                    }
+                    Ok(x) => x.progress(*w),
                     Err(e) => format!("failed: {e:#}"),
                 };
                 eprintln!(
@@ -357,6 +409,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repeat: cli.repeat,
             paths: paths.clone(),
             workloads: workloads.iter().map(|w| w.name()).collect(),
+            idle_sessions: workloads
+                .iter()
+                .any(|w| matches!(w, Workload::Idle { .. }))
+                .then_some(cli.idle_sessions),
+            nofile_limit: nofile,
             peers,
             ebsocks: (!paths.is_empty()).then(|| ebsocks.display().to_string()),
         },

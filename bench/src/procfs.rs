@@ -1,5 +1,5 @@
-//! Readings from /proc: the machine's description, whole-machine busy CPU time, and the CPU time
-//! and peak memory of a subject's process tree.
+//! Readings from /proc: the machine's description, whole-machine busy CPU time and kernel memory,
+//! and the CPU time, memory and descriptors of a subject's process tree.
 
 use std::collections::HashMap;
 use std::fs;
@@ -118,6 +118,32 @@ pub fn machine_busy_seconds() -> f64 {
     busy as f64 / clock_ticks()
 }
 
+/// A `kB` field of /proc/meminfo (e.g. `SUnreclaim`), in KiB.
+pub fn meminfo_kib(field: &str) -> Option<u64> {
+    kib_field(&fs::read_to_string("/proc/meminfo").ok()?, field)
+}
+
+/// A `kB` field of /proc/PID/status (e.g. `VmRSS`), in KiB.
+pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    kib_field(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        field,
+    )
+}
+
+/// `Name:   1234 kB` lines, as in /proc/meminfo and /proc/PID/status.
+fn kib_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.split_once(':').is_some_and(|(k, _)| k == field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Open descriptors of a process (entries of /proc/PID/fd).
+pub fn fd_count(pid: i32) -> Option<usize> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
 #[derive(Debug, Clone, Copy)]
 struct PidStat {
     ppid: i32,
@@ -217,21 +243,31 @@ impl ProcTree {
 
     /// Sum of VmHWM over the tree, in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.sum(|pid| status_kib(pid, "VmHWM"))
+    }
+
+    /// Sum of VmRSS (current resident memory) over the tree, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.sum(|pid| status_kib(pid, "VmRSS"))
+    }
+
+    /// Open descriptors summed over the tree.
+    pub fn fd_count(&self) -> Option<usize> {
+        self.sum(fd_count)
+    }
+
+    /// `f` summed over the live members (a member that vanished in between counts 0); None
+    /// when the root is gone.
+    fn sum<T: std::iter::Sum<T> + Default>(&self, f: impl Fn(i32) -> Option<T>) -> Option<T> {
         let m = self.members();
         if m.is_empty() {
             return None;
         }
-        let mut total = 0;
-        for (pid, _) in m {
-            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            total += status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        Some(total)
+        Some(
+            m.into_iter()
+                .map(|(pid, _)| f(pid).unwrap_or_default())
+                .sum(),
+        )
     }
 }
 

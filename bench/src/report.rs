@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::idle::IdleSample;
 use crate::procfs::Machine;
 use crate::subjects::SubjectInfo;
 use crate::workloads::{Metric, RunSample, Workload};
@@ -59,11 +60,106 @@ pub struct Cell {
     pub machine_cpu: Option<Stat>,
     /// Highest peak RSS of the server's processes over the runs, KiB.
     pub daemon_peak_rss_kib: Option<u64>,
+    /// `fair-1000`: Jain's fairness index over the sessions.
+    pub jain_index: Option<Stat>,
+    /// `fair-1000`: the slowest session's bytes over the mean.
+    pub min_share: Option<Stat>,
+    /// `idle-10k`: medians over the runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleStats>,
     pub errors: u64,
     pub runs: Vec<RunSample>,
     /// Runs that produced no figure, with the reason.
     pub failed_runs: Vec<String>,
     pub notes: Vec<String>,
+}
+
+/// `idle-10k` figures of one subject, each the median over the runs (KiB and MiB as in
+/// [`IdleSample`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleStats {
+    pub attempted: usize,
+    pub established: Stat,
+    pub open: Stat,
+    pub verified: Stat,
+    pub setup_s: Stat,
+    pub rss_before_mib: Option<Stat>,
+    pub rss_after_mib: Option<Stat>,
+    pub rss_per_session_kib: Option<Stat>,
+    pub rss_at_100k_mib: Option<Stat>,
+    pub fds_per_session: Option<Stat>,
+    pub idle_cpu_percent: Option<Stat>,
+    pub kernel_slab_per_session_kib: Option<Stat>,
+}
+
+impl IdleStats {
+    fn of(samples: &[&IdleSample]) -> Option<IdleStats> {
+        let first = samples.first()?;
+        let stat =
+            |f: &dyn Fn(&IdleSample) -> Option<f64>| Stat::of(samples.iter().filter_map(|s| f(s)));
+        let mib = |k: Option<u64>| k.map(|k| k as f64 / 1024.0);
+        Some(IdleStats {
+            attempted: first.attempted,
+            established: stat(&|s| Some(s.established as f64))?,
+            open: stat(&|s| Some(s.open as f64))?,
+            verified: stat(&|s| Some(s.verified as f64))?,
+            setup_s: stat(&|s| Some(s.setup_s))?,
+            rss_before_mib: stat(&|s| mib(s.rss_before_kib)),
+            rss_after_mib: stat(&|s| mib(s.rss_after_kib)),
+            rss_per_session_kib: stat(&|s| s.rss_per_session_kib),
+            rss_at_100k_mib: stat(&|s| s.rss_at_100k_mib),
+            fds_per_session: stat(&|s| s.fds_per_session),
+            idle_cpu_percent: stat(&|s| s.idle_cpu_percent),
+            kernel_slab_per_session_kib: stat(&|s| s.kernel_slab_per_session_kib),
+        })
+    }
+
+    /// Notes on how the runs went: early stops, sessions that did not echo, descriptors the
+    /// server kept.
+    fn notes(samples: &[&IdleSample]) -> Vec<String> {
+        let mut notes = Vec::new();
+        let runs = samples.len();
+        let stopped: Vec<&IdleSample> = samples
+            .iter()
+            .copied()
+            .filter(|s| s.stopped_early.is_some())
+            .collect();
+        if let Some(s) = stopped.first() {
+            notes.push(format!(
+                "set-up stopped early in {} of {runs} run(s), at {} established: {}",
+                stopped.len(),
+                s.established,
+                s.stopped_early.as_deref().unwrap_or_default()
+            ));
+        }
+        let unchecked: usize = samples.iter().map(|s| s.unchecked).sum();
+        if unchecked > 0 {
+            notes.push(format!(
+                "{unchecked} session(s) not echo-checked (time bound)"
+            ));
+        }
+        if let Some(s) = samples
+            .iter()
+            .find(|s| s.target_connections != s.established)
+        {
+            notes.push(format!(
+                "{} sessions got their CONNECT reply, the target held {} of them when the memory was read",
+                s.established, s.target_connections
+            ));
+        }
+        if let Some(s) = samples.iter().find(|s| {
+            s.fds_before
+                .zip(s.fds_after_close)
+                .is_some_and(|(b, a)| a > b)
+        }) {
+            notes.push(format!(
+                "the server held {} descriptors after the close, {} before",
+                s.fds_after_close.unwrap_or_default(),
+                s.fds_before.unwrap_or_default()
+            ));
+        }
+        notes
+    }
 }
 
 impl Cell {
@@ -98,7 +194,7 @@ impl Cell {
             notes.push(format!(
                 "in {lingering} of {} run(s) the target still had connections open {} s after the clients closed",
                 runs.len(),
-                crate::workloads::DRAIN_TIMEOUT.as_secs_f64()
+                w.drain_timeout().as_secs_f64()
             ));
         } else if let Some(lag) = close_lag.filter(|l| l.median >= 100.0) {
             notes.push(format!(
@@ -106,6 +202,8 @@ impl Cell {
                 lag.median
             ));
         }
+        let idle_samples: Vec<&IdleSample> = runs.iter().filter_map(|r| r.idle.as_ref()).collect();
+        notes.extend(IdleStats::notes(&idle_samples));
         if !failed_runs.is_empty() {
             notes.push(format!(
                 "{} of {} run(s) failed: {}",
@@ -135,6 +233,9 @@ impl Cell {
                     .filter_map(|r| r.cpu_per_unit(m, r.machine_cpu_s)),
             ),
             daemon_peak_rss_kib: runs.iter().filter_map(|r| r.daemon_peak_rss_kib).max(),
+            jain_index: Stat::of(runs.iter().filter_map(|r| r.jain_index)),
+            min_share: Stat::of(runs.iter().filter_map(|r| r.min_share)),
+            idle: IdleStats::of(&idle_samples),
             errors,
             runs,
             failed_runs,
@@ -150,6 +251,10 @@ pub struct Settings {
     pub repeat: usize,
     pub paths: Vec<String>,
     pub workloads: Vec<String>,
+    /// Sessions idle-10k set out to open.
+    pub idle_sessions: Option<usize>,
+    /// The open-files limit of the benchmark and of the servers it starts.
+    pub nofile_limit: u64,
     pub peers: Vec<String>,
     pub ebsocks: Option<String>,
 }
@@ -239,7 +344,8 @@ impl Report {
         let _ = writeln!(
             o,
             "direct in absolute figures; other rows × direct (throughput and session rate: higher is better; \
-             rr latency: lower is better).\n"
+             rr latency: lower is better); idle-10k: the server's RSS per idle session, absolute (direct \
+             has no server).\n"
         );
         let mut head = String::from("| subject |");
         let mut rule = String::from("|---|");
@@ -252,6 +358,9 @@ impl Report {
             let mut row = format!("| {} |", si.name);
             for w in workloads {
                 let text = match self.cell(&si.name, &w.name()) {
+                    Some(c) if si.name == "direct" && w.metric() == Metric::Memory => {
+                        if c.runs.is_empty() { "failed" } else { "n/a" }.into()
+                    }
                     Some(c) if si.name == "direct" => c
                         .figure
                         .map(|f| {
@@ -283,22 +392,36 @@ impl Report {
             let m = w.metric();
             let _ = writeln!(o, "## {}\n\n{}.\n", w.name(), w.describe());
             let cu = m.cpu_unit();
-            match m {
-                Metric::Throughput => {
+            match (w, m) {
+                (Workload::Fair { .. }, _) => {
+                    let _ = writeln!(
+                        o,
+                        "| subject | Gbit/s | min–max | × direct | Jain index | min/mean | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
+                         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                    );
+                }
+                (_, Metric::Memory) => {
+                    let _ = writeln!(
+                        o,
+                        "| subject | sessions open | echoed | set-up s | server RSS before MiB | after MiB | KiB/session | at 100k sessions MiB | server fds/session | server CPU idle % | kernel slab KiB/session | notes |\n\
+                         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                    );
+                }
+                (_, Metric::Throughput) => {
                     let _ = writeln!(
                         o,
                         "| subject | Gbit/s | min–max | × direct | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
                          |---|---:|---:|---:|---:|---:|---:|---|"
                     );
                 }
-                Metric::Latency => {
+                (_, Metric::Latency) => {
                     let _ = writeln!(
                         o,
                         "| subject | p50 µs | min–max p50 | p99 µs | × direct (p50) | req/s | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
                          |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
                     );
                 }
-                Metric::SessionRate => {
+                (_, Metric::SessionRate) => {
                     let _ = writeln!(
                         o,
                         "| subject | sessions/s | min–max | × direct | session p50 / p99 ms | server CPU {cu} | machine CPU {cu} | server peak RSS MiB | notes |\n\
@@ -332,8 +455,43 @@ impl Report {
                     .map(|n| one_line(n, 160))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let row = match m {
-                    Metric::Throughput => format!(
+                let opt = |st: Option<Stat>, digits: usize| {
+                    st.map(|x| format!("{:.*}", digits, x.median))
+                        .unwrap_or("n/a".into())
+                };
+                let row = match (w, m) {
+                    (Workload::Fair { .. }, _) => format!(
+                        "| {} | {} | {} | {ratio} | {} | {} | {} | {} | {rss} | {notes} |",
+                        c.subject,
+                        fig(c.figure),
+                        range(c.figure),
+                        opt(c.jain_index, 3),
+                        opt(c.min_share, 2),
+                        cpu(c.daemon_cpu),
+                        cpu(c.machine_cpu)
+                    ),
+                    (_, Metric::Memory) => match &c.idle {
+                        Some(i) => format!(
+                            "| {} | {:.0} of {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {notes} |",
+                            c.subject,
+                            i.open.median,
+                            i.attempted,
+                            i.verified.median,
+                            i.setup_s.median,
+                            opt(i.rss_before_mib, 1),
+                            opt(i.rss_after_mib, 1),
+                            opt(i.rss_per_session_kib, 2),
+                            opt(i.rss_at_100k_mib, 0),
+                            opt(i.fds_per_session, 2),
+                            opt(i.idle_cpu_percent, 1),
+                            opt(i.kernel_slab_per_session_kib, 2),
+                        ),
+                        None => format!(
+                            "| {} | failed | | | | | | | | | | {notes} |",
+                            c.subject
+                        ),
+                    },
+                    (_, Metric::Throughput) => format!(
                         "| {} | {} | {} | {ratio} | {} | {} | {rss} | {notes} |",
                         c.subject,
                         fig(c.figure),
@@ -341,7 +499,7 @@ impl Report {
                         cpu(c.daemon_cpu),
                         cpu(c.machine_cpu)
                     ),
-                    Metric::Latency => format!(
+                    (_, Metric::Latency) => format!(
                         "| {} | {} | {} | {} | {ratio} | {} | {} | {} | {rss} | {notes} |",
                         c.subject,
                         fig(c.figure),
@@ -355,7 +513,7 @@ impl Report {
                         cpu(c.daemon_cpu),
                         cpu(c.machine_cpu)
                     ),
-                    Metric::SessionRate => format!(
+                    (_, Metric::SessionRate) => format!(
                         "| {} | {} | {} | {ratio} | {} | {} | {} | {rss} | {notes} |",
                         c.subject,
                         fig(c.figure),
@@ -409,6 +567,7 @@ fn short_unit(m: Metric) -> &'static str {
         Metric::Throughput => "Gbit/s",
         Metric::Latency => "µs",
         Metric::SessionRate => "/s",
+        Metric::Memory => "KiB/session",
     }
 }
 
@@ -417,13 +576,14 @@ fn fmt_fig(m: Metric, v: f64) -> String {
         Metric::Throughput => format!("{v:.2}"),
         Metric::Latency => format!("{v:.1}"),
         Metric::SessionRate => format!("{v:.0}"),
+        Metric::Memory => format!("{v:.2}"),
     }
 }
 
 fn fmt_cpu(m: Metric, v: f64) -> String {
     match m {
         Metric::Throughput => format!("{v:.3}"),
-        Metric::Latency | Metric::SessionRate => format!("{v:.1}"),
+        Metric::Latency | Metric::SessionRate | Metric::Memory => format!("{v:.1}"),
     }
 }
 

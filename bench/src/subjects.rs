@@ -1,8 +1,8 @@
 //! The things being measured: direct connections, ebsocks on each data path, and other SOCKS5
 //! servers when installed. Servers are spawned on loopback ports, watched, and stopped with
-//! SIGTERM at the end.
+//! SIGTERM at the end; a workload that must see a fresh process restarts them the same way.
 
-use std::fs::{self, File};
+use std::fs::{self, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,29 @@ pub struct Subject {
     pub proxy: Option<SocketAddr>,
     pub daemon: Option<Daemon>,
     pub info: SubjectInfo,
+    /// How the server was started, to start it again; None for direct.
+    start: Option<Start>,
+}
+
+/// How to start a server subject.
+#[derive(Debug, Clone)]
+pub enum Start {
+    Ebsocks(EbsocksSpec),
+    Microsocks { workdir: PathBuf },
+    Dante { workdir: PathBuf },
+}
+
+impl Start {
+    /// Starts the server; the subject is unavailable, with the reason, when that fails.
+    pub fn start(&self) -> Subject {
+        let mut s = match self {
+            Start::Ebsocks(spec) => start_ebsocks(spec),
+            Start::Microsocks { workdir } => start_microsocks(workdir),
+            Start::Dante { workdir } => start_dante(workdir),
+        };
+        s.start = Some(self.clone());
+        s
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -46,6 +69,8 @@ pub struct SubjectInfo {
     pub exit: Option<String>,
     pub log: Option<String>,
     pub notes: Vec<String>,
+    /// Times the server was stopped and started again (idle-10k starts from a fresh process).
+    pub restarts: usize,
 }
 
 impl Subject {
@@ -54,6 +79,7 @@ impl Subject {
             name: "direct".into(),
             proxy: None,
             daemon: None,
+            start: None,
             info: SubjectInfo {
                 name: "direct".into(),
                 available: true,
@@ -67,6 +93,7 @@ impl Subject {
             name: name.into(),
             proxy: None,
             daemon: None,
+            start: None,
             info: SubjectInfo {
                 name: name.into(),
                 available: false,
@@ -95,6 +122,38 @@ impl Subject {
         Some(why)
     }
 
+    /// Stops the server and starts a new one the same way (on a new port), so that the next run
+    /// sees no memory that earlier runs left in the process (allocators keep freed memory and
+    /// hand it to the next sessions, which then seem to cost nothing). Nothing to do for direct.
+    /// When the new server does not start, the subject is marked failed.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let Some(start) = self.start.clone() else {
+            return Ok(());
+        };
+        if let Some(mut d) = self.daemon.take() {
+            let exit = d.stop();
+            if exit != "SIGTERM: exited with status 0" {
+                self.info
+                    .notes
+                    .push(format!("stopped for a restart: {exit}"));
+            }
+        }
+        let fresh = start.start();
+        if !fresh.available() {
+            let why = format!(
+                "restart failed: {}",
+                fresh.info.unavailable_reason.unwrap_or_default()
+            );
+            self.fail(why.clone());
+            return Err(why);
+        }
+        self.proxy = fresh.proxy;
+        self.daemon = fresh.daemon;
+        self.info.listen = fresh.info.listen;
+        self.info.restarts += 1;
+        Ok(())
+    }
+
     /// Stops the server (SIGTERM, then SIGKILL after a grace period) and records how it ended.
     pub fn stop(&mut self) {
         if let Some(d) = self.daemon.as_mut() {
@@ -105,7 +164,12 @@ impl Subject {
 
 impl Daemon {
     fn spawn(mut cmd: Command, log: PathBuf) -> Result<Daemon, String> {
-        let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        // Appended to: a restarted server writes after its predecessor.
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("open {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
@@ -298,6 +362,7 @@ fn finish(
         Ok(addr) => Subject {
             name: name.into(),
             proxy: Some(addr),
+            start: None,
             info: SubjectInfo {
                 name: name.into(),
                 available: true,
@@ -354,16 +419,22 @@ pub fn ensure_bpffs() -> Result<Option<String>, String> {
     }
 }
 
-pub struct EbsocksSpec<'a> {
-    pub binary: &'a Path,
-    pub data_path: &'a str,
-    pub workdir: &'a Path,
-    pub log_level: &'a str,
-    pub pin_root: &'a str,
+#[derive(Debug, Clone)]
+pub struct EbsocksSpec {
+    pub binary: PathBuf,
+    pub data_path: String,
+    pub workdir: PathBuf,
+    pub log_level: String,
+    pub pin_root: String,
+    /// `limits.max_sessions`. The daemon's default, (open-files limit − 64) / 4, would stop
+    /// idle-10k at a quarter of the descriptors; the bench passes the open-files limit, so
+    /// that descriptors are what runs out.
+    pub max_sessions: u64,
 }
 
-/// `ebsocks run` on a loopback port with one data path; readiness is the address file.
-pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
+/// `ebsocks run` on a loopback port with one data path; readiness is the address file. The
+/// configuration is the embedded default except `limits.max_sessions`.
+fn start_ebsocks(spec: &EbsocksSpec) -> Subject {
     let name = format!("ebsocks-{}", spec.data_path);
     if !spec.binary.is_file() {
         return Subject::unavailable(
@@ -373,13 +444,25 @@ pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
     }
     let addr_file = spec.workdir.join(format!("{name}.addr"));
     let _ = fs::remove_file(&addr_file);
+    let conf = spec.workdir.join(format!("{name}.toml"));
+    let text = format!(
+        "# generated by ebsocks-bench: the embedded defaults, but a session limit above what the\n\
+         # descriptor limit allows, so that idle-10k finds the descriptor limit\n\
+         [limits]\nmax_sessions = {}\n",
+        spec.max_sessions
+    );
+    if let Err(e) = fs::write(&conf, text) {
+        return Subject::unavailable(&name, format!("write {}: {e}", conf.display()));
+    }
     let pin_dir = format!("{}-{}", spec.pin_root, spec.data_path);
     let args = [
         "run",
+        "--config",
+        conf.to_str().unwrap_or_default(),
         "--listen",
         "127.0.0.1:0",
         "--data-path",
-        spec.data_path,
+        &spec.data_path,
         "--pin-dir",
         &pin_dir,
         "--addr-file",
@@ -391,8 +474,8 @@ pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
         spec.binary.display(),
         args.join(" ")
     );
-    let mut cmd = Command::new(spec.binary);
-    cmd.args(args).env("RUST_LOG", spec.log_level);
+    let mut cmd = Command::new(&spec.binary);
+    cmd.args(args).env("RUST_LOG", &spec.log_level);
     let mut d = match Daemon::spawn(cmd, spec.workdir.join(format!("{name}.log"))) {
         Ok(d) => d,
         Err(e) => return Subject::unavailable(&name, e),
@@ -413,7 +496,7 @@ pub fn start_ebsocks(spec: &EbsocksSpec<'_>) -> Subject {
 }
 
 /// `microsocks -i 127.0.0.1 -p PORT`.
-pub fn start_microsocks(workdir: &Path) -> Subject {
+fn start_microsocks(workdir: &Path) -> Subject {
     let name = "microsocks";
     let Some(bin) = find_program("microsocks") else {
         return Subject::unavailable(name, "not installed (apt-get install microsocks)".into());
@@ -437,7 +520,7 @@ pub fn start_microsocks(workdir: &Path) -> Subject {
 }
 
 /// `danted -f CONF` in the foreground, with a generated loopback-only configuration.
-pub fn start_dante(workdir: &Path) -> Subject {
+fn start_dante(workdir: &Path) -> Subject {
     let name = "dante";
     let Some(bin) = find_program("danted") else {
         return Subject::unavailable(name, "not installed (apt-get install dante-server)".into());

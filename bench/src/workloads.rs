@@ -4,6 +4,8 @@
 //! run for the measured window, takes a second snapshot, stops them and waits (bounded) for
 //! the clients and the target's connections to close.
 //!
+//! `idle-10k` has no measured window of traffic and runs its own sequence (see [`crate::idle`]).
+//!
 //! To add a workload: add a variant to [`Workload`], give it a name, description, metric and
 //! target kind, list it in [`Workload::all`], and start its clients in [`start_clients`].
 
@@ -17,24 +19,40 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Semaphore};
 
+use crate::idle::IdleSample;
 use crate::procfs::machine_busy_seconds;
 use crate::socks;
 use crate::subjects::Subject;
 use crate::targets::{pattern, Meter, Target, TargetKind, BULK_BUF};
 
 /// Bound on connecting and on the SOCKS5 handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on one request/response exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on one short session (connect, handshake, one exchange).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long all clients may take to connect before the run is abandoned.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for the 1,000 sessions of `fair-1000`.
+const FAIR_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections of `fair-1000` being set up at once: well inside any server's accept queue.
+const FAIR_CONNECTING: usize = 64;
+/// Shortest warm-up of `fair-1000`: a thousand streams take longer than one to settle.
+const FAIR_MIN_WARMUP: Duration = Duration::from_millis(500);
+/// Concurrent sessions of `fair-1000`.
+pub const FAIR_SESSIONS: usize = 1000;
+/// Idle sessions `idle-10k` opens by default: the largest round count that fits under ebsocks'
+/// descriptor limit on the 20,000-descriptor test machine, where the sockmap and copy paths
+/// hold 9,984 (two descriptors a session, 31 for the daemon itself; see [`crate::idle`]).
+pub const IDLE_SESSIONS: usize = 9_900;
 /// How long clients may take to stop after the window.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the target's connections may stay open after the clients closed theirs.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// The same for `fair-1000`, whose thousand sessions may have gigabytes queued in a server.
+const FAIR_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often blocked clients look at the phase.
 const POLL: Duration = Duration::from_millis(250);
 /// Request and response size of the rr and conn-rate workloads.
@@ -57,6 +75,12 @@ pub enum Workload {
     Rr { size: usize },
     /// Short sessions (connect, one exchange, close) from `clients` concurrent clients; rate.
     ConnRate { clients: usize, size: usize },
+    /// `sessions` concurrent bulk transfers client -> sink, all set up before any sends;
+    /// aggregate Gbit/s and Jain's fairness index over the sessions.
+    Fair { sessions: usize },
+    /// Up to `sessions` established sessions that carry nothing; the server's memory per
+    /// session.
+    Idle { sessions: usize },
 }
 
 /// What a workload's main figure is, which decides units and the direction of "better".
@@ -69,6 +93,8 @@ pub enum Metric {
     Latency,
     /// Sessions per second; CPU per session.
     SessionRate,
+    /// Server RSS per idle session in KiB (lower is better); no CPU figure.
+    Memory,
 }
 
 impl Metric {
@@ -77,6 +103,7 @@ impl Metric {
             Metric::Throughput => "Gbit/s",
             Metric::Latency => "µs (p50)",
             Metric::SessionRate => "sessions/s",
+            Metric::Memory => "KiB/session",
         }
     }
 
@@ -85,11 +112,12 @@ impl Metric {
             Metric::Throughput => "s/GiB",
             Metric::Latency => "µs/req",
             Metric::SessionRate => "µs/session",
+            Metric::Memory => "n/a",
         }
     }
 
     pub fn higher_is_better(self) -> bool {
-        self != Metric::Latency
+        !matches!(self, Metric::Latency | Metric::Memory)
     }
 }
 
@@ -117,6 +145,12 @@ impl Workload {
                 clients: 64,
                 size: SMALL,
             },
+            Workload::Fair {
+                sessions: FAIR_SESSIONS,
+            },
+            Workload::Idle {
+                sessions: IDLE_SESSIONS,
+            },
         ]
     }
 
@@ -132,6 +166,9 @@ impl Workload {
             } => format!("bulk-down-{streams}"),
             Workload::Rr { .. } => "rr".into(),
             Workload::ConnRate { .. } => "conn-rate".into(),
+            Workload::Fair { sessions } => format!("fair-{sessions}"),
+            // The name stays when `--idle-sessions` changes the count.
+            Workload::Idle { .. } => "idle-10k".into(),
         }
     }
 
@@ -152,6 +189,31 @@ impl Workload {
                 "short sessions (connect, SOCKS5 handshake, one {size}-byte request/response, close) \
                  from {clients} concurrent clients, sessions/s"
             ),
+            Workload::Fair { sessions } => format!(
+                "{sessions} concurrent sessions client → sink, all set up before any of them sends, \
+                 {} KiB writes from one tokio runtime; aggregate Gbit/s received and Jain's fairness \
+                 index (Σx)²/(n·Σx²) over the bytes each session delivered in the window (1 = all \
+                 equal; min/mean: the slowest session against the average)",
+                BULK_BUF / 1024
+            ),
+            Workload::Idle { sessions } => format!(
+                "up to {sessions} established sessions that carry nothing, opened in batches of {} \
+                 (the first batch with a refused session ends the set-up, bounded to {} s), the \
+                 targets in a separate echo process. Sessions open = held at both ends when the \
+                 memory is read, {} s after the last one was opened; echoed = sessions that then \
+                 returned 16 bytes of their own. Each run starts a fresh server (memory freed by \
+                 earlier runs but kept by the process would make sessions look free). Server RSS = \
+                 VmRSS before and after; per session = (after − before) / sessions open; at 100k \
+                 = before + 100,000 × per session. Server fds = descriptors the server holds per \
+                 session; server CPU idle = its CPU while every session is open. Kernel slab = \
+                 growth of the machine's unreclaimable slab (SUnreclaim) per session: every socket \
+                 of a session (client, target and the server's two) and whatever the server adds. \
+                 direct has no server: its row shows that the load generator and the target hold \
+                 that many sessions, and the kernel's cost of a direct connection's two sockets",
+                crate::idle::BATCH,
+                crate::idle::SETUP_TIMEOUT.as_secs(),
+                fmt_secs(crate::idle::SETTLE)
+            ),
         }
     }
 
@@ -160,17 +222,52 @@ impl Workload {
             Workload::Bulk { .. } => Metric::Throughput,
             Workload::Rr { .. } => Metric::Latency,
             Workload::ConnRate { .. } => Metric::SessionRate,
+            Workload::Fair { .. } => Metric::Throughput,
+            Workload::Idle { .. } => Metric::Memory,
         }
     }
 
+    /// The in-process target; `idle-10k` runs its echo target in a separate process instead.
     fn target(&self) -> TargetKind {
         match self {
             Workload::Bulk { dir: Dir::Up, .. } => TargetKind::Sink,
             Workload::Bulk { dir: Dir::Down, .. } => TargetKind::Source,
             Workload::Rr { .. } => TargetKind::Echo,
-            Workload::ConnRate { .. } => TargetKind::EchoAsync,
+            Workload::ConnRate { .. } | Workload::Idle { .. } => TargetKind::EchoAsync,
+            Workload::Fair { .. } => TargetKind::SinkAsync,
         }
     }
+
+    /// Whether each run needs a freshly started server: `idle-10k` reads the server's memory
+    /// growth, which memory that earlier runs freed but the process kept would hide.
+    pub fn fresh_server(&self) -> bool {
+        matches!(self, Workload::Idle { .. })
+    }
+
+    /// How long the target's connections may stay open after the clients closed theirs.
+    pub fn drain_timeout(&self) -> Duration {
+        match self {
+            Workload::Fair { .. } => FAIR_DRAIN_TIMEOUT,
+            _ => DRAIN_TIMEOUT,
+        }
+    }
+
+    /// Rough seconds one run takes, for the estimate printed before the runs.
+    pub fn estimate_s(&self, set: &Settings) -> f64 {
+        let window = set.window.as_secs_f64();
+        match self {
+            Workload::Fair { .. } => window + set.warmup.max(FAIR_MIN_WARMUP).as_secs_f64() + 1.0,
+            Workload::Idle { sessions } => {
+                crate::idle::SETTLE.as_secs_f64() + 3.0 + *sessions as f64 / 5_000.0
+            }
+            _ => window + set.warmup.as_secs_f64() + 0.15,
+        }
+    }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    let s = format!("{:.1}", d.as_secs_f64());
+    s.trim_end_matches(".0").to_string()
 }
 
 /// Measured values of one run; the window is between the two snapshots.
@@ -196,10 +293,17 @@ pub struct RunSample {
     pub first_error: Option<String>,
     /// Bulk streams that received nothing during the window.
     pub stalled_streams: usize,
-    /// Target connections still open [`DRAIN_TIMEOUT`] after the clients closed.
+    /// `fair-1000`: Jain's fairness index over the bytes each session delivered in the window.
+    pub jain_index: Option<f64>,
+    /// `fair-1000`: the slowest session's bytes in the window over the mean.
+    pub min_share: Option<f64>,
+    /// `idle-10k`: sessions, memory and the echo check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleSample>,
+    /// Target connections still open [`Workload::drain_timeout`] after the clients closed.
     pub lingering_target_conns: usize,
     /// Time from the clients having closed to the last target connection closing (None when
-    /// some were still open after [`DRAIN_TIMEOUT`]).
+    /// some were still open after [`Workload::drain_timeout`]).
     pub target_close_ms: Option<f64>,
 }
 
@@ -210,7 +314,26 @@ impl RunSample {
             Metric::Throughput => self.gbit_s,
             Metric::Latency => self.p50_us,
             Metric::SessionRate => self.ops_per_s,
+            Metric::Memory => self.idle.as_ref().and_then(|i| i.rss_per_session_kib),
         }
+    }
+
+    /// One line for the progress output.
+    pub fn progress(&self, w: Workload) -> String {
+        let m = w.metric();
+        let mut line = match (&self.idle, self.jain_index) {
+            (Some(i), _) => i.progress(),
+            (None, Some(j)) => format!(
+                "{:.2} {}, Jain {j:.3}",
+                self.figure(m).unwrap_or(f64::NAN),
+                m.unit()
+            ),
+            (None, None) => format!("{:.2} {}", self.figure(m).unwrap_or(f64::NAN), m.unit()),
+        };
+        if self.errors > 0 {
+            line.push_str(&format!(" ({} errors)", self.errors));
+        }
+        line
     }
 
     /// CPU seconds converted to the workload's CPU unit (per GiB or per operation).
@@ -222,6 +345,7 @@ impl RunSample {
             Metric::Latency | Metric::SessionRate => {
                 (self.ops > 0).then(|| cpu_s / self.ops as f64 * 1e6)
             }
+            Metric::Memory => None,
         }
     }
 }
@@ -232,13 +356,17 @@ pub struct Settings {
     pub window: Duration,
 }
 
-const PHASE_WARMUP: u8 = 0;
-const PHASE_MEASURE: u8 = 1;
-const PHASE_STOP: u8 = 2;
+/// Clients connect; only `fair-1000` waits for the next phase before it sends.
+const PHASE_SETUP: u8 = 0;
+const PHASE_WARMUP: u8 = 1;
+const PHASE_MEASURE: u8 = 2;
+const PHASE_STOP: u8 = 3;
 
 /// State shared between the harness and the clients of one run.
 struct Shared {
     phase: AtomicU8,
+    /// The phase again, for tokio clients that wait for it to change.
+    phase_signal: watch::Sender<u8>,
     ready: AtomicUsize,
     setup_failed: AtomicUsize,
     ops: AtomicU64,
@@ -256,6 +384,11 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.phase() == PHASE_STOP
+    }
+
+    fn set_phase(&self, phase: u8) {
+        self.phase.store(phase, Ordering::SeqCst);
+        self.phase_signal.send_replace(phase);
     }
 
     /// Counts an error that happened before the clients were told to stop.
@@ -283,9 +416,13 @@ pub fn run_once(
     set: &Settings,
     rt: &tokio::runtime::Runtime,
 ) -> Result<RunSample> {
+    if let Workload::Idle { sessions } = w {
+        return crate::idle::run(sessions, subject, rt);
+    }
     let target = Target::start(w.target(), rt.handle())?;
     let shared = Arc::new(Shared {
-        phase: AtomicU8::new(PHASE_WARMUP),
+        phase: AtomicU8::new(PHASE_SETUP),
+        phase_signal: watch::Sender::new(PHASE_SETUP),
         ready: AtomicUsize::new(0),
         setup_failed: AtomicUsize::new(0),
         ops: AtomicU64::new(0),
@@ -303,7 +440,7 @@ pub fn run_once(
     let started = start_clients(w, subject.proxy, target.addr, &shared, &done_tx, rt);
     drop(done_tx);
     let stop_clients = |shared: &Shared| {
-        shared.phase.store(PHASE_STOP, Ordering::SeqCst);
+        shared.set_phase(PHASE_STOP);
         wait_disconnected(&done_rx, STOP_TIMEOUT)
     };
     let expected = match started {
@@ -314,8 +451,17 @@ pub fn run_once(
         }
     };
 
-    // Setup: every client connected (or failed).
-    let setup_end = Instant::now() + SETUP_TIMEOUT;
+    // Setup: every client connected (or failed); for fair-1000 the sink has accepted every
+    // session too, so that each has its counter before the window.
+    let (setup_timeout, warmup) = match w {
+        Workload::Fair { .. } => (FAIR_SETUP_TIMEOUT, set.warmup.max(FAIR_MIN_WARMUP)),
+        _ => (SETUP_TIMEOUT, set.warmup),
+    };
+    let accepted_all = || match w {
+        Workload::Fair { sessions } => target.meter.len() >= sessions,
+        _ => true,
+    };
+    let setup_end = Instant::now() + setup_timeout;
     loop {
         let ready = shared.ready.load(Ordering::SeqCst);
         let failed = shared.setup_failed.load(Ordering::SeqCst);
@@ -328,26 +474,28 @@ pub fn run_once(
             bail!(
                 "{ready} of {expected} clients connected: {}",
                 first.unwrap_or_else(|| format!(
-                    "setup took longer than {} s",
-                    SETUP_TIMEOUT.as_secs()
+                    "setup took longer than {} s (the target accepted {})",
+                    setup_timeout.as_secs(),
+                    target.active()
                 ))
             );
         }
-        if ready >= expected {
+        if ready >= expected && accepted_all() {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
 
     let meter: &Meter = match w {
-        Workload::Bulk { dir: Dir::Up, .. } => &target.meter,
+        Workload::Bulk { dir: Dir::Up, .. } | Workload::Fair { .. } => &target.meter,
         _ => &shared.meter,
     };
     let snap = || Snap::take(tree, meter, &shared);
 
-    let interrupted = !sleep_interruptible(set.warmup);
+    shared.set_phase(PHASE_WARMUP);
+    let interrupted = !sleep_interruptible(warmup);
     let a = snap();
-    shared.phase.store(PHASE_MEASURE, Ordering::SeqCst);
+    shared.set_phase(PHASE_MEASURE);
     let interrupted = interrupted || !sleep_interruptible(set.window);
     let b = snap();
     let peak_rss = tree.and_then(|t| t.peak_rss_kib());
@@ -356,7 +504,7 @@ pub fn run_once(
         bail!("interrupted");
     }
     let closing = Instant::now();
-    let (lingering, close_ms) = if target.wait_idle(DRAIN_TIMEOUT) {
+    let (lingering, close_ms) = if target.wait_idle(w.drain_timeout()) {
         (0, Some(closing.elapsed().as_secs_f64() * 1e3))
     } else {
         (target.active(), None)
@@ -399,6 +547,27 @@ pub fn run_once(
                 + streams.saturating_sub(per_stream.len());
             s.gbit_s = Some(s.bytes as f64 * 8.0 / window_s / 1e9);
         }
+        Workload::Fair { sessions } => {
+            let mut per_session: Vec<u64> = b
+                .bytes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| n - a.bytes.get(i).copied().unwrap_or(0))
+                .collect();
+            // Sessions the sink never accepted delivered nothing.
+            per_session.resize(per_session.len().max(sessions), 0);
+            s.bytes = per_session.iter().sum();
+            s.stalled_streams = per_session.iter().filter(|&&n| n == 0).count();
+            s.gbit_s = Some(s.bytes as f64 * 8.0 / window_s / 1e9);
+            s.jain_index = jain_index(&per_session);
+            let mean = s.bytes as f64 / per_session.len() as f64;
+            s.min_share = per_session
+                .iter()
+                .min()
+                .filter(|_| mean > 0.0)
+                .map(|&m| m as f64 / mean);
+        }
+        Workload::Idle { .. } => unreachable!("idle-10k runs in crate::idle"),
         Workload::Rr { size } | Workload::ConnRate { size, .. } => {
             s.bytes = ops * size as u64 * 2;
             s.ops_per_s = Some(ops as f64 / window_s);
@@ -444,6 +613,15 @@ impl Snap {
             machine_cpu_s,
         }
     }
+}
+
+/// Jain's fairness index (Σx)² / (n·Σx²): 1 when every session got the same, 1/n when one got
+/// everything. None when nothing was delivered.
+pub fn jain_index(per_session: &[u64]) -> Option<f64> {
+    let n = per_session.len() as f64;
+    let sum: f64 = per_session.iter().map(|&x| x as f64).sum();
+    let sum_sq: f64 = per_session.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    (sum_sq > 0.0).then(|| sum * sum / (n * sum_sq))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
@@ -527,6 +705,20 @@ fn start_clients(
             }
             Ok(clients)
         }
+        Workload::Fair { sessions } => {
+            let buf: Arc<[u8]> = pattern(BULK_BUF).into();
+            let connecting = Arc::new(Semaphore::new(FAIR_CONNECTING));
+            for _ in 0..sessions {
+                let (shared, done) = (shared.clone(), done.clone());
+                let (buf, connecting) = (buf.clone(), connecting.clone());
+                rt.spawn(async move {
+                    let _done = done;
+                    fair_client(proxy, target, &shared, &connecting, &buf).await;
+                });
+            }
+            Ok(sessions)
+        }
+        Workload::Idle { .. } => unreachable!("idle-10k runs in crate::idle"),
     }
 }
 
@@ -679,6 +871,65 @@ async fn conn_rate_client(
         .extend(lat);
 }
 
+/// One session of `fair-1000`: connects (at most [`FAIR_CONNECTING`] at once), waits until
+/// every session is up, then writes the shared buffer until told to stop, one write per turn,
+/// so that the runtime's threads serve the sessions round-robin.
+async fn fair_client(
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+    shared: &Shared,
+    connecting: &Semaphore,
+    buf: &[u8],
+) {
+    let mut phase = shared.phase_signal.subscribe();
+    let connected = {
+        let Ok(_permit) = connecting.acquire().await else {
+            return;
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, socks::connect_async(proxy, target)).await
+    };
+    let s = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return shared.setup_error(e),
+        Err(_) => {
+            return shared.setup_error(anyhow!(
+                "connect and handshake not done within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        }
+    };
+    shared.ready.fetch_add(1, Ordering::SeqCst);
+    if phase.wait_for(|&p| p != PHASE_SETUP).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = phase.wait_for(|&p| p == PHASE_STOP) => break,
+            r = s.writable() => if let Err(e) = r {
+                shared.error(format!("wait for writable: {e}"));
+                break;
+            },
+        }
+        match s.try_write(buf) {
+            Ok(0) => {
+                shared.error("write returned 0");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => {
+                shared.error(format!("write: {e}"));
+                break;
+            }
+        }
+        // To the back of the queue after every write: `writable()` returns at once while the
+        // socket has room, and tokio's budget would let one session write 128 times in a row
+        // (sessions whose buffers autotuned larger then pull ahead: Jain 0.85 for direct).
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn short_session(proxy: Option<SocketAddr>, target: SocketAddrV4, req: &[u8]) -> Result<()> {
     let mut s = socks::connect_async(proxy, target).await?;
     s.write_all(req).await?;
@@ -690,4 +941,24 @@ async fn short_session(proxy: Option<SocketAddr>, target: SocketAddrV4, req: &[u
         bail!("echo differs from the request");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jain_index;
+
+    #[test]
+    fn jain_index_is_one_for_equal_shares_and_one_over_n_for_one_winner() {
+        assert_eq!(jain_index(&[7, 7, 7, 7]), Some(1.0));
+        assert_eq!(jain_index(&[0, 0, 9, 0]), Some(0.25));
+        // Two sessions at x and 3x: (4x)² / (2 · 10x²) = 0.8.
+        let j = jain_index(&[100, 300]).expect("some bytes");
+        assert!((j - 0.8).abs() < 1e-12, "{j}");
+    }
+
+    #[test]
+    fn jain_index_needs_bytes() {
+        assert_eq!(jain_index(&[]), None);
+        assert_eq!(jain_index(&[0, 0]), None);
+    }
 }
