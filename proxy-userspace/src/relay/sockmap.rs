@@ -241,13 +241,15 @@ const QUEUED_MAX: u64 = 4 << 20;
 async fn take_queued(client: &TcpStream, upstream: &mut TcpStream) -> io::Result<u64> {
     use tokio::io::AsyncWriteExt as _;
     let mut total = 0u64;
-    let mut buf = Vec::new();
+    // Read into spare capacity: no page of the buffer is touched unless bytes are queued,
+    // which they seldom are.
+    let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         if total >= QUEUED_MAX {
             return Err(io::Error::other("peer keeps sending during the handover"));
         }
-        buf.resize(64 * 1024, 0);
-        match client.try_read(&mut buf) {
+        buf.clear();
+        match client.try_read_buf(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => {
                 upstream.write_all(&buf[..n]).await?;
