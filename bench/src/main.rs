@@ -78,8 +78,8 @@ struct Cli {
     #[arg(long = "echo-target-helper", hide = true)]
     echo_target_helper: bool,
     /// Also measure 512-byte UDP datagrams through the relay (userspace only vs XDP offload)
-    /// against a direct send, in a network-namespace topology; `--workloads none` runs only
-    /// this
+    /// against a direct send, in a network-namespace topology. Part of `--workloads all` (and
+    /// selected by `--workloads udp`); `--udp --workloads none` runs only this
     #[arg(long)]
     udp: bool,
 }
@@ -199,8 +199,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if !(1..=1_000_000).contains(&cli.idle_sessions) {
         bail!("--idle-sessions must be between 1 and 1000000");
     }
-    let workloads = parse_workloads(&cli.workloads, cli.idle_sessions)?;
-    if workloads.is_empty() && !cli.udp {
+    let tokens = split_list(&cli.workloads);
+    let run_udp = cli.udp || tokens.iter().any(|t| t == "all" || t == "udp");
+    let tcp_workloads: Vec<String> = tokens.into_iter().filter(|t| t != "udp").collect();
+    let workloads = parse_workloads(&tcp_workloads.join(","), cli.idle_sessions)?;
+    if workloads.is_empty() && !run_udp {
         bail!("no workload selected");
     }
     let paths = split_list(&cli.paths);
@@ -423,13 +426,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         notes,
         subjects: infos,
         results,
+        udp: Vec::new(),
     };
     report.compute_ratios();
     let mut md = report.markdown(&workloads);
-    if cli.udp && !was_interrupted {
+    if run_udp && !was_interrupted {
         eprintln!("UDP: building the netns topology");
         match udp::run(&ebsocks, &workdir, cli.seconds, cli.repeat) {
-            Ok((section, _)) => md.push_str(&section),
+            Ok((section, udp)) => {
+                md.push_str(&section);
+                report.udp = udp;
+            }
             Err(e) => md.push_str(&format!("\n## UDP\n\nnot measured: {e:#}\n")),
         }
     }

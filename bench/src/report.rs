@@ -274,6 +274,8 @@ pub struct Report {
     pub notes: Vec<String>,
     pub subjects: Vec<SubjectInfo>,
     pub results: Vec<Cell>,
+    /// The UDP datagram-rate comparison, when it ran.
+    pub udp: Vec<crate::udp::UdpResult>,
 }
 
 impl Report {

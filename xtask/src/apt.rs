@@ -50,15 +50,38 @@ const APT_PACKAGES: &[AptPackage] = &[
     },
 ];
 
+/// The other SOCKS servers `cargo xtask bench --with-peers` measures ebsocks against (the bench
+/// configures them for loopback itself).
+const PEER_PACKAGES: &[AptPackage] = &[
+    AptPackage {
+        name: "microsocks",
+        optional: true,
+    },
+    // Dante's `danted`.
+    AptPackage {
+        name: "dante-server",
+        optional: true,
+    },
+];
+
 /// Installs the packages of [`APT_PACKAGES`] that dpkg does not list as installed, after one
 /// `apt-get update`; does nothing (and needs no network) when all are present.
 pub fn install_missing() -> Result<()> {
+    install(APT_PACKAGES)
+}
+
+/// Installs the benchmark's peers ([`PEER_PACKAGES`]) that are missing.
+pub fn install_peers() -> Result<()> {
+    install(PEER_PACKAGES)
+}
+
+fn install(packages: &[AptPackage]) -> Result<()> {
     for tool in ["dpkg-query", "apt-get", "apt-cache"] {
         if cmd::find_on_path(tool).is_none() {
             bail!("`setup --apt` needs a Debian-based system: `{tool}` not found");
         }
     }
-    let names: Vec<&str> = APT_PACKAGES.iter().map(|p| p.name).collect();
+    let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
     // dpkg-query exits 1 when a package was never known; its stdout still lists the others.
     let out = Cmd::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${db:Status-Abbrev}\n"])
@@ -71,7 +94,7 @@ pub fn install_missing() -> Result<()> {
             fields.next() == Some(name) && fields.next() == Some("ii")
         })
     };
-    let missing: Vec<&AptPackage> = APT_PACKAGES.iter().filter(|p| !installed(p.name)).collect();
+    let missing: Vec<&AptPackage> = packages.iter().filter(|p| !installed(p.name)).collect();
     if missing.is_empty() {
         progress!("apt: all present ({})", names.join(", "));
         return Ok(());

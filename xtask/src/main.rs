@@ -101,6 +101,10 @@ enum Command {
     },
     /// Build the daemon and the benchmark in release and run the benchmark.
     Bench {
+        /// First install Dante (`dante-server`) and microsocks from Debian's packages when
+        /// missing, so that the run measures them too.
+        #[arg(long)]
+        with_peers: bool,
         /// Arguments for ebsocks-bench.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -134,7 +138,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Run { args } => run_daemon(&ws, &args),
         Command::Test { args } => test(&ws, &args),
-        Command::Bench { args } => bench(&ws, &args),
+        Command::Bench { with_peers, args } => bench(&ws, with_peers, &args),
         Command::Install {
             prefix,
             sysconfdir,
@@ -312,8 +316,11 @@ fn test(ws: &Workspace, args: &[OsString]) -> Result<()> {
 }
 
 /// `cargo xtask bench`: the benchmark replaces xtask; it starts the daemon itself.
-fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
+fn bench(ws: &Workspace, with_peers: bool, args: &[OsString]) -> Result<()> {
     setup::setup(&ws.root, false)?;
+    if with_peers {
+        apt::install_peers()?;
+    }
     progress!("building the daemon and the benchmark (release profile)");
     ws.cargo()
         .args([
