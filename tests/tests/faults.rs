@@ -416,3 +416,55 @@ async fn unreachable_targets_get_their_reply_codes_and_are_counted() {
     wait_sessions_drained(&daemon).await;
     daemon.stop();
 }
+
+/// splice(2) needs two pipes per session; a session that cannot have them once it has been
+/// told CONNECT succeeded must not be reset: that direction copies instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_without_pipes_copies() {
+    if !require_privileged("descriptor exhaustion") {
+        return;
+    }
+    raise_nofile_limit();
+    let daemon = Daemon::start(DaemonOpts {
+        extra_toml: "[limits]\nmax_sessions = 1000\n".into(),
+        ..DaemonOpts::path(DataPath::Splice)
+    });
+    let pid = daemon.pid();
+    // The sessions' sockets fit (two descriptors each); pipes, taken at the first payload,
+    // run out after about one session.
+    const SESSIONS: usize = 12;
+    const ROOM: usize = 2 * SESSIONS + 6;
+    let limit = procfs::fd_count(pid) + ROOM;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit --pid {pid}: {status}");
+    let echo = Echo::start("127.0.0.1:0").await;
+    let mut sessions = Vec::new();
+    for i in 0..SESSIONS {
+        let s = try_session(&daemon, echo.addr)
+            .await
+            .unwrap_or_else(|| panic!("session {i} of {SESSIONS} could not be set up"));
+        sessions.push(s);
+    }
+    for round in 0..2u64 {
+        for (i, s) in sessions.iter_mut().enumerate() {
+            echo_once(s, round * 100 + i as u64, "a session without pipes").await;
+        }
+    }
+    let s = daemon.stats();
+    assert!(
+        s.traffic("tcp", "copy", "up") > 0 && s.traffic("tcp", "copy", "down") > 0,
+        "no direction copied although pipes ran out: {s}"
+    );
+    assert_eq!(s.counter("sessions_failed"), 0, "{s}");
+    for mut s in sessions {
+        within(LIMIT, "close", exchange(&mut s, Plan::close()))
+            .await
+            .unwrap_or_else(|e| panic!("close: {e}"));
+    }
+    wait_sessions_drained(&daemon).await;
+    daemon.stop();
+}

@@ -270,7 +270,14 @@ async fn one_way(
                             pr.request();
                             continue;
                         }
-                        _ => return Err(e),
+                        _ => {
+                            tracing::debug!(cause = %e, "no pipe for splice(2); copying this direction");
+                            copy_one_way(from, to, metrics, dir, total).await?;
+                            if let Some(pr) = promotion {
+                                pr.close();
+                            }
+                            return Ok(Flow::Eof);
+                        }
                     },
                 },
             };
@@ -313,4 +320,39 @@ async fn one_way(
         pool.put(p);
     }
     result
+}
+
+/// Buffer of a direction that copies because it could not have a pipe.
+const COPY_BUF: usize = 16 * 1024;
+
+/// A direction that cannot have a pipe (out of descriptors) copies through a buffer instead,
+/// to its end of file, rather than failing a session that has already been told it succeeded.
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    metrics: &Metrics,
+    dir: Direction,
+    total: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return sys::shutdown_write(to.as_fd()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            to.writable().await?;
+            match to.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        total.fetch_add(n as u64, Relaxed);
+        metrics.add_traffic(DataPath::Copy, dir, n as u64);
+    }
 }
