@@ -292,7 +292,10 @@ fn start_dante(bin: &Path, t: &Topology, workdir: &Path) -> Result<(Server, Sock
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("danted not ready within {READY:?}; see {}", workdir.display())
+    bail!(
+        "danted not ready within {READY:?}; see {}",
+        workdir.display()
+    )
 }
 
 fn start_ebsocks(
