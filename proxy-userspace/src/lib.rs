@@ -75,7 +75,8 @@ pub struct Shared {
     pub registry: Registry,
     /// When the daemon started.
     pub started: Instant,
-    /// The data path chosen at start-up.
+    /// The data path chosen at start-up: `auto` (splice(2), promoting into the sockhash),
+    /// `sockmap`, `splice` or `copy`.
     pub data_path: &'static str,
     /// The bound SOCKS listeners.
     pub listen: OnceLock<Vec<SocketAddr>>,
@@ -303,8 +304,10 @@ pub async fn run(
         context: "creating the epoll set",
         source,
     })?;
+    // What sessions will use: `auto` only when the sockhash is there to promote them into.
     let data_path = match (config.data_path, sockmap_ok) {
-        (DataPathMode::Auto | DataPathMode::Sockmap, true) => "sockmap",
+        (DataPathMode::Auto, true) => "auto",
+        (DataPathMode::Sockmap, true) => "sockmap",
         (DataPathMode::Copy, _) => "copy",
         _ => "splice",
     };

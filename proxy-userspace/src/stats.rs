@@ -454,6 +454,7 @@ impl Snapshot {
             Counter::SessionsEndedSockmap,
             Counter::SessionsEndedSplice,
             Counter::SessionsEndedCopy,
+            Counter::SessionsPromoted,
         ];
         section(
             &mut out,
