@@ -426,9 +426,9 @@ pub struct EbsocksSpec {
     pub workdir: PathBuf,
     pub log_level: String,
     pub pin_root: String,
-    /// `limits.max_sessions`. The daemon's default, (open-files limit − 64) / 4, would stop
-    /// idle-10k at a quarter of the descriptors; the bench passes the open-files limit, so
-    /// that descriptors are what runs out.
+    /// `limits.max_sessions`. The daemon's default, (open-files limit − 576) / 2, keeps room
+    /// for its pipe pool; the bench passes the open-files limit, so that descriptors are what
+    /// runs out.
     pub max_sessions: u64,
 }
 

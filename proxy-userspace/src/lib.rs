@@ -316,8 +316,10 @@ pub async fn run(
         .and_then(Kernel::take_metrics)
         .unwrap_or_default();
     let max_sessions = match config.limits.max_sessions {
-        // Two descriptors per session, and headroom for listeners, pipes and maps.
-        0 => usize::try_from(nofile.saturating_sub(64) / 4)
+        // Two descriptors per session (its sockets), after headroom for listeners and maps and
+        // the pipe pool. Pipes beyond that are a bonus: a session that cannot have one copies
+        // that direction, or under `auto` moves into the sockhash, which needs none.
+        0 => usize::try_from(nofile.saturating_sub(64 + 2 * relay::splice::POOL_MAX as u64) / 2)
             .unwrap_or(1024)
             .max(16),
         n => n,

@@ -67,18 +67,24 @@ pub async fn relay(
 ) -> Result<Outcome, Fallback> {
     // The verdict reads whole skbs from the receive queue and ignores how much of a partially
     // read skb the daemon already consumed: a payload that arrived in the same segment as the
-    // SOCKS request would be forwarded again from the skb's start, negotiation bytes included
-    // (and splice(2), on a session promoted from it, may have read part of an skb on either
-    // side). Empty both receive queues first, so that only whole, unread skbs remain.
+    // SOCKS request would be forwarded again from the skb's start, negotiation bytes included.
+    // Empty the client's receive queue first, so that only whole, unread skbs remain; the
+    // upstream's too when the daemon has read from it (splice(2), on a session promoted from
+    // it, may have taken part of an skb). An upstream never read holds whole skbs only, and
+    // draining it would race a target that talks first and fast.
     let mut consumed = consumed;
     let queued = match take_queued(&client, &mut upstream).await {
         Ok(n) => {
             consumed.from_client += n;
             consumed.forwarded += n;
-            take_queued(&upstream, &mut client).await.map(|n| {
-                consumed.from_upstream += n;
-                consumed.forwarded_down += n;
-            })
+            if consumed.from_upstream > 0 {
+                take_queued(&upstream, &mut client).await.map(|n| {
+                    consumed.from_upstream += n;
+                    consumed.forwarded_down += n;
+                })
+            } else {
+                Ok(())
+            }
         }
         Err(e) => Err(e),
     };

@@ -25,8 +25,9 @@ use crate::{metrics::Metrics, registry::ByteCounters, sys, Shared};
 
 /// Pipe size requested per direction. Larger pipes mean fewer syscalls per byte.
 const PIPE_SIZE: usize = 1 << 20;
-/// Pipes kept for reuse; beyond that, returned pipes are closed.
-const POOL_MAX: usize = 1024;
+/// Pipes kept for reuse; beyond that, returned pipes are closed. Enough for a few hundred
+/// sessions starting at once; every pooled pipe holds two descriptors.
+pub const POOL_MAX: usize = 256;
 
 /// A pipe and its capacity.
 #[derive(Debug)]
