@@ -106,10 +106,15 @@ impl Pattern {
 }
 
 /// Explains a mismatch: `got` (at least a few bytes) arrived at stream
-/// offset `offset`; if they occur elsewhere in the first 8 MiB of the stream,
-/// the data was repeated or skipped, which says more than "differs".
+/// offset `offset`; if they occur elsewhere in the stream up to 64 MiB past
+/// `offset`, the data was repeated or skipped, which says more than "differs".
 pub fn describe_mismatch(seed: u64, offset: u64, got: &[u8]) -> String {
-    const SEARCH: usize = 8 << 20;
+    let search = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 << 20)
+        .min(1 << 30);
+    const SEARCH_MIN: usize = 8 << 20;
+    let search = search.max(SEARCH_MIN);
     let needle = &got[..got.len().min(32)];
     let mut msg = format!("payload differs at offset {offset}");
     if needle.len() < 8 {
@@ -118,7 +123,7 @@ pub fn describe_mismatch(seed: u64, offset: u64, got: &[u8]) -> String {
     if needle.starts_with(&[5, 1, 0, 5]) {
         msg += "; they look like a SOCKS5 greeting and request, i.e. the client's negotiation bytes reached the target";
     }
-    let hay = Pattern::bytes(seed, SEARCH);
+    let hay = Pattern::bytes(seed, search);
     match hay.windows(needle.len()).position(|w| w == needle) {
         Some(at) if (at as u64) < offset => {
             msg += &format!(
@@ -134,7 +139,7 @@ pub fn describe_mismatch(seed: u64, offset: u64, got: &[u8]) -> String {
         }
         None => {
             msg += &format!(
-            "; the bytes there ({needle:02x?}) are not from the first {SEARCH} bytes of the stream"
+            "; the bytes there ({needle:02x?}) are not from the first {search} bytes of the stream"
         )
         }
     }

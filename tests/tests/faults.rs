@@ -35,6 +35,19 @@ async fn echo_once(s: &mut TcpStream, seed: u64, what: &str) {
         .unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
+/// Lets the daemon open `room` more descriptors than it holds now, whatever that is; soft and
+/// hard limit both, as the daemon would raise its soft limit.
+fn limit_descriptors(daemon: &Daemon, room: usize) {
+    let pid = daemon.pid();
+    let limit = procfs::fd_count(pid) + room;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit --pid {pid}: {status}");
+}
+
 /// A full CONNECT through the daemon, or None when it does not complete within 3 s or is
 /// refused (the daemon is out of descriptors).
 async fn try_session(d: &Daemon, target: std::net::SocketAddr) -> Option<TcpStream> {
@@ -57,16 +70,9 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
         ..DaemonOpts::path(DataPath::Sockmap)
     });
     let pid = daemon.pid();
-    // Room for a few dozen more descriptors than the daemon holds once ready, whatever that
-    // is; soft and hard limit both, as the daemon would raise its soft limit.
+    // Room for a few dozen more descriptors than the daemon holds once ready.
     const ROOM: usize = 40;
-    let limit = procfs::fd_count(pid) + ROOM;
-    let status = std::process::Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={limit}:{limit}"))
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit --pid {pid}: {status}");
+    limit_descriptors(&daemon, ROOM);
     let echo = Echo::start("127.0.0.1:0").await;
 
     // Fill the table with working sessions until one cannot be set up.
@@ -429,18 +435,10 @@ async fn splice_without_pipes_copies() {
         extra_toml: "[limits]\nmax_sessions = 1000\n".into(),
         ..DaemonOpts::path(DataPath::Splice)
     });
-    let pid = daemon.pid();
     // The sessions' sockets fit (two descriptors each); pipes, taken at the first payload,
     // run out after about one session.
     const SESSIONS: usize = 12;
-    const ROOM: usize = 2 * SESSIONS + 6;
-    let limit = procfs::fd_count(pid) + ROOM;
-    let status = std::process::Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={limit}:{limit}"))
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit --pid {pid}: {status}");
+    limit_descriptors(&daemon, 2 * SESSIONS + 6);
     let echo = Echo::start("127.0.0.1:0").await;
     let mut sessions = Vec::new();
     for i in 0..SESSIONS {

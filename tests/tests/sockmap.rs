@@ -16,6 +16,10 @@ const SETTLE: Duration = Duration::from_secs(5);
 const SEED_UP: u64 = 0x50c4_0001;
 const SEED_DOWN: u64 = 0x50c4_0002;
 
+/// Held by each bulk test for its whole run: two of them at once on a 2-vCPU machine measure
+/// CPU contention rather than the property each one checks.
+static BULK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A live session through a sockmap daemon, with both sockets.
 struct Session {
     client: TcpStream,
@@ -165,6 +169,7 @@ async fn the_kernel_carries_the_payload() {
     if !require_privileged("data path sockmap") {
         return;
     }
+    let _bulk = BULK.lock().await;
     const LEN: u64 = 64 << 20;
     let daemon = Daemon::start(DaemonOpts::path(DataPath::Sockmap));
     let mut session = open(&daemon).await;
@@ -202,6 +207,7 @@ async fn a_stalled_reader_stops_the_sender() {
     if !require_privileged("data path sockmap") {
         return;
     }
+    let _bulk = BULK.lock().await;
     const LEN: u64 = 256 << 20;
     // Socket buffers on both hops plus the brake's allowance; far below LEN.
     const MAX_QUEUED: u64 = 64 << 20;
