@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::{poll_until, Daemon, DataPath};
+use tokio::net::TcpStream;
+
+use crate::{exchange, poll_until, within, Daemon, DataPath, Plan, SessionRow, Stats};
 
 /// Bound for state the daemon publishes asynchronously (stats are flushed at
 /// least once a second).
@@ -89,4 +91,40 @@ pub async fn wait_log(d: &Daemon, needle: &str, times: usize) {
 fn tail(log: &str, lines: usize) -> String {
     let v: Vec<&str> = log.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The daemon's only live kernel session row (`sessions`), once its counters read exactly
+/// (up, down); fails at once if they go beyond (a byte counted twice).
+pub async fn kernel_session_reads(d: &Daemon, up: u64, down: u64) -> (SessionRow, Stats) {
+    poll_until(
+        STATS_SETTLE,
+        &format!("the session's counters to read up {up}, down {down}"),
+        |last| {
+            let s = d.stats();
+            *last = s.json["sessions"].to_string();
+            let rows = s.sessions();
+            match rows.as_slice() {
+                [row] if row.up_bytes == up && row.down_bytes == down => Some((row.clone(), s)),
+                [row] if row.up_bytes > up || row.down_bytes > down => {
+                    panic!(
+                        "session counters exceed the payload moved (up {up}, down {down}): {row:?}"
+                    )
+                }
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Closes a proxied pair from both ends, client first, within 30 s.
+pub async fn close_pair(mut client: TcpStream, mut target: TcpStream) {
+    within(Duration::from_secs(30), "closing the session", async {
+        tokio::try_join!(
+            exchange(&mut client, Plan::close()),
+            exchange(&mut target, Plan::sink(0, 0))
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("closing the session: {e}"));
 }

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use proxy_integration::{
-    accept_one, exchange, listen, poll_until, recv_exact, recv_to_eof, require_privileged,
-    send_and_recv, send_pattern, socks, within, Daemon, DaemonOpts, DataPath, Pattern, Plan, Stats,
-    Task,
+    accept_one,
+    checks::{close_pair, kernel_session_reads},
+    listen, poll_until, recv_exact, recv_to_eof, require_privileged, send_and_recv, send_pattern,
+    socks, within, Daemon, DaemonOpts, DataPath, Pattern, Stats, Task,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -56,39 +57,6 @@ async fn wait_promoted(daemon: &Daemon, n: u64) -> Stats {
     .await
 }
 
-/// The kernel's row for the only live session, once it reads (up, down).
-async fn kernel_row_reads(daemon: &Daemon, up: u64, down: u64) -> Stats {
-    poll_until(
-        SETTLE,
-        &format!("the kernel's session row to read up {up}, down {down}"),
-        |last| {
-            let s = daemon.stats();
-            *last = s.json["sessions"].to_string();
-            match s.sessions().as_slice() {
-                [row] if row.up_bytes == up && row.down_bytes == down => Some(s),
-                [row] if row.up_bytes > up || row.down_bytes > down => {
-                    panic!(
-                        "session counters exceed the payload moved (up {up}, down {down}): {row:?}"
-                    )
-                }
-                _ => None,
-            }
-        },
-    )
-    .await
-}
-
-async fn close_both(mut client: TcpStream, mut target: TcpStream) {
-    within(LIMIT, "closing the session", async {
-        tokio::try_join!(
-            exchange(&mut client, Plan::close()),
-            exchange(&mut target, Plan::sink(0, 0))
-        )
-    })
-    .await
-    .unwrap_or_else(|e| panic!("closing the session: {e}"));
-}
-
 async fn wait_ended(daemon: &Daemon) -> Stats {
     poll_until(SETTLE, "the session to end", |last| {
         let s = daemon.stats();
@@ -132,7 +100,7 @@ async fn request_response_traffic_moves_into_the_kernel() {
     .await
     .unwrap_or_else(|e| panic!("transfer after the promotion: {e}"));
     let total = 2 * ROUNDS * 64 + BULK;
-    let s = kernel_row_reads(&daemon, total, total).await;
+    let (_, s) = kernel_session_reads(&daemon, total, total).await;
     // The verdict program carried everything after the handover; splice(2) nothing more.
     assert!(
         s.traffic("tcp", "sockmap", "up") + up0 >= total,
@@ -150,7 +118,7 @@ async fn request_response_traffic_moves_into_the_kernel() {
         "every payload byte counted once: {s}"
     );
 
-    close_both(client, target).await;
+    close_pair(client, target).await;
     let s = wait_ended(&daemon).await;
     assert_eq!(s.counter("sessions_ended_sockmap"), 1, "{s}");
     assert_eq!(s.counter("sessions_ended_splice"), 1, "{s}");
@@ -185,7 +153,7 @@ async fn an_idle_session_moves_into_the_kernel_and_half_closes() {
         "a burst is no reason to move: {s}"
     );
     wait_promoted(&daemon, 1).await;
-    kernel_row_reads(&daemon, FIRST, FIRST).await;
+    kernel_session_reads(&daemon, FIRST, FIRST).await;
 
     // The target sends more and closes its side; the client must get it all, then EOF, and
     // can still send on its half.

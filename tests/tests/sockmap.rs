@@ -6,8 +6,10 @@
 use std::time::Duration;
 
 use proxy_integration::{
-    accept_one, exchange, listen, poll_until, recv_exact, require_privileged, send_and_recv, socks,
-    within, Daemon, DaemonOpts, DataPath, Pattern, Plan, SessionRow, Stats, Task,
+    accept_one,
+    checks::{close_pair, kernel_session_reads},
+    listen, poll_until, recv_exact, require_privileged, send_and_recv, socks, within, Daemon,
+    DaemonOpts, DataPath, Pattern, SessionRow, Stats, Task,
 };
 use tokio::net::TcpStream;
 
@@ -63,41 +65,13 @@ async fn transfer(s: &mut Session, seeds: (u64, u64), up: u64, down: u64) {
 
 /// Closes the session from both ends, client first.
 async fn close(s: Session) {
-    let Session {
-        mut client,
-        mut target,
-    } = s;
-    within(LIMIT, "closing the session", async {
-        tokio::try_join!(
-            exchange(&mut client, Plan::close()),
-            exchange(&mut target, Plan::sink(0, 0))
-        )
-    })
-    .await
-    .unwrap_or_else(|e| panic!("closing the session: {e}"));
+    let Session { client, target } = s;
+    close_pair(client, target).await;
 }
 
 /// The only `sessions` entry, once its counters equal (up, down).
 async fn session_with(daemon: &Daemon, up: u64, down: u64) -> (SessionRow, Stats) {
-    poll_until(
-        SETTLE,
-        &format!("the session's counters to read up {up}, down {down}"),
-        |last| {
-            let s = daemon.stats();
-            *last = s.json["sessions"].to_string();
-            let rows = s.sessions();
-            match rows.as_slice() {
-                [row] if row.up_bytes == up && row.down_bytes == down => Some((row.clone(), s)),
-                [row] if row.up_bytes > up || row.down_bytes > down => {
-                    panic!(
-                        "session counters exceed the payload moved (up {up}, down {down}): {row:?}"
-                    )
-                }
-                _ => None,
-            }
-        },
-    )
-    .await
+    kernel_session_reads(daemon, up, down).await
 }
 
 fn assert_userspace_rows_zero(s: &Stats) {
