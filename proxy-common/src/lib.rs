@@ -61,7 +61,15 @@ pub mod sockmap {
         pub _pad: u32,
     }
 
-    /// The verdict's half of a socket's brake; see [`BRAKES`].
+    /// The verdict's own state for a socket: its half of the brake (see [`BRAKES`]) and the
+    /// TCP sequence it has forwarded up to.
+    ///
+    /// The kernel hands the verdict whole skbs from the receive queue (`tcp_read_skb`), and TCP
+    /// queues a segment that overlaps bytes already received (a retransmission of partly
+    /// delivered data: `seq < rcv_nxt < end_seq`) without trimming it, leaving that to readers
+    /// that track `copied_seq`, which the verdict path does not. Forwarded whole, its repeated
+    /// head would reach the peer twice. So the verdict reads each skb's sequence range from
+    /// TCP's control block and cuts off what lies before `next_seq`.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct BrakeState {
@@ -69,7 +77,17 @@ pub mod sockmap {
         pub passed: u64,
         /// The checkpoint last reported, so that each is reported once.
         pub reported: u64,
+        /// Bytes cut off the head of retransmitted skbs (they repeated forwarded bytes).
+        pub overlap: u64,
+        /// TCP sequence number after the last byte forwarded or passed (valid if `seq_known`).
+        pub next_seq: u32,
+        /// Non-zero once `next_seq` holds a sequence number; [`SEQ_BROKEN`] once a repeat
+        /// could not be cut (the daemon then resets the session).
+        pub seq_known: u32,
     }
+
+    /// `BrakeState::seq_known` of a socket whose stream can no longer be kept exact.
+    pub const SEQ_BROKEN: u32 = 2;
 
     /// Name of the ring buffer of `u64` socket cookies that reached their brake checkpoint.
     pub const BRAKE_EVENTS: &str = "EBSOCKS_BRAKE_EVENTS";
@@ -432,11 +450,14 @@ pub mod metrics {
         SockmapBrakeBytes = 91,
         /// Sessions that began on splice(2) under `auto` and moved to the sockhash.
         SessionsPromoted = 92,
+        /// Bytes of retransmitted TCP segments that repeated bytes a spliced socket had already
+        /// received, cut off by the verdict so that the peer gets every byte once.
+        SockmapOverlapBytes = 93,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 93] = [
+        pub const ALL: [Self; 94] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -530,6 +551,7 @@ pub mod metrics {
             Self::DnsLatencySumUs,
             Self::SockmapBrakeBytes,
             Self::SessionsPromoted,
+            Self::SockmapOverlapBytes,
         ];
 
         /// Name used in stats output.
@@ -559,6 +581,7 @@ pub mod metrics {
                 Self::SockmapBrakes => "sockmap_brakes",
                 Self::SockmapBrakeBytes => "sockmap_brake_bytes",
                 Self::SessionsPromoted => "sessions_promoted",
+                Self::SockmapOverlapBytes => "sockmap_overlap_bytes",
                 Self::SessionsCreatedConnect => "sessions_created_connect",
                 Self::SessionsCreatedBind => "sessions_created_bind",
                 Self::SessionsCreatedUdp => "sessions_created_udp_associate",

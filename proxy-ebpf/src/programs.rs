@@ -4,7 +4,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{map, stream_verdict},
     maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -14,7 +14,7 @@ use proxy_common::{
         DataPath, SessionTraffic, Traffic, TrafficSlot, BPF_F_MMAPABLE, COUNTERS_MAX,
         SESSIONS_MAX_ENTRIES, TRAFFIC_SLOTS_MAX,
     },
-    sockmap::{BrakeControl, BrakeState, BRAKE_EVENTS_BYTES, SOCKHASH_MAX_ENTRIES},
+    sockmap::{BrakeControl, BrakeState, BRAKE_EVENTS_BYTES, SEQ_BROKEN, SOCKHASH_MAX_ENTRIES},
 };
 
 // Map names must equal the constants in proxy_common (the attribute needs a literal).
@@ -67,6 +67,97 @@ pub fn ebsocks_verdict(ctx: SkBuffContext) -> u32 {
     }
 }
 
+/// Byte offset of `cb` in the kernel's `struct sk_buff` on 64-bit kernels (unchanged since
+/// Linux 4.x); TCP's control block there starts with the skb's `seq` and `end_seq`. Every skb
+/// checks the layout: a range that does not span the payload is not used.
+const SKB_CB_OFFSET: usize = 40;
+/// Most bytes one `bpf_skb_adjust_room` call may cut from an sk_skb.
+const TRIM_STEP: u32 = 0xfff;
+/// Most cuts per skb: an overlap of up to 4 full loopback segments.
+const TRIM_STEPS: u32 = 64;
+
+/// The skb's TCP sequence range `(seq, end_seq)`, if it spans exactly its payload (plus one
+/// for a FIN).
+#[inline(always)]
+fn tcp_range(ctx: &SkBuffContext, len: u32) -> Option<(u32, u32)> {
+    let cb = ctx
+        .skb
+        .skb
+        .cast::<u8>()
+        .wrapping_add(SKB_CB_OFFSET)
+        .cast::<[u32; 2]>();
+    // SAFETY: the context pointer is the kernel's sk_buff; the helper reads it safely.
+    let [seq, end] = unsafe { bpf_probe_read_kernel(cb) }.ok()?;
+    let span = end.wrapping_sub(seq);
+    (span == len || span == len.wrapping_add(1)).then_some((seq, end))
+}
+
+/// Cuts `n` bytes off the skb's head.
+#[inline(always)]
+fn trim(ctx: &SkBuffContext, mut n: u32) -> bool {
+    for _ in 0..TRIM_STEPS {
+        if n == 0 {
+            return true;
+        }
+        let step = if n < TRIM_STEP { n } else { TRIM_STEP };
+        // Mode and flags 0: the only ones sk_skb takes; a negative difference pulls the head.
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        n -= step;
+    }
+    n == 0
+}
+
+/// Cuts off what the skb repeats of bytes already forwarded (see
+/// `proxy_common::sockmap::BrakeState`) and advances the socket's forwarded sequence. Returns
+/// the payload length left (0: nothing new, drop it), or `None` if the repeat could not be cut.
+///
+/// # Safety
+/// `st` must point to this socket's map value, written only by this program under the socket's
+/// lock.
+#[inline(always)]
+unsafe fn deduplicate(ctx: &SkBuffContext, st: *mut BrakeState, len: u32) -> Option<u32> {
+    let Some((seq, end)) = tcp_range(ctx, len) else {
+        return Some(len);
+    };
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if (*st).seq_known == SEQ_BROKEN {
+            return None;
+        }
+        let mut len = len;
+        if (*st).seq_known != 0 {
+            let next = (*st).next_seq;
+            // Serial-number arithmetic: positive when `seq` lies before `next`.
+            let overlap = next.wrapping_sub(seq) as i32;
+            if (end.wrapping_sub(next) as i32) > 0 {
+                (*st).next_seq = end;
+            }
+            if overlap > 0 {
+                let overlap = overlap as u32;
+                if overlap >= len {
+                    // No new payload (at most a FIN, which the daemon forwards itself).
+                    (*st).overlap += u64::from(len);
+                    return Some(0);
+                }
+                if !trim(ctx, overlap) {
+                    // The repeat cannot be cut: the stream cannot be kept exact; the daemon
+                    // resets the session.
+                    (*st).seq_known = SEQ_BROKEN;
+                    return None;
+                }
+                (*st).overlap += u64::from(overlap);
+                len -= overlap;
+            }
+        } else {
+            (*st).next_seq = end;
+            (*st).seq_known = 1;
+        }
+        Some(len)
+    }
+}
+
 #[inline(always)]
 fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let len = ctx.len();
@@ -82,6 +173,19 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the daemon replaces BRAKES entries whole; this run reads one consistent value.
     let control = unsafe { BRAKES.get(&own) }.copied();
     let state = BRAKE_STATE.get_ptr_mut(&own);
+    let len = match state {
+        // SAFETY: this socket's value; the verdict runs under the socket's lock.
+        Some(st) => match unsafe { deduplicate(ctx, st, len) } {
+            Some(0) => return Err(SK_DROP),
+            Some(n) => n,
+            None => {
+                // Tell the daemon at once, whatever the checkpoint.
+                let _ = BRAKE_EVENTS.output::<u64>(&own, 0);
+                return Err(SK_DROP);
+            }
+        },
+        None => len,
+    };
 
     // Braked, or bytes passed earlier are still waiting for the daemon: pass this one too, so
     // that it queues behind them on the socket itself (and counts against its receive buffer).

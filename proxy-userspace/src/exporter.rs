@@ -508,6 +508,12 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             &mut enc,
+            "sockmap_overlap_bytes",
+            "Bytes of retransmitted segments that repeated bytes a spliced socket had already received, cut off in the kernel.",
+            s.counter(Counter::SockmapOverlapBytes),
+        )?;
+        counter(
+            &mut enc,
             "relay_promotions",
             "Sessions that began on splice(2) under data_path auto and moved to the in-kernel path.",
             s.counter(Counter::SessionsPromoted),

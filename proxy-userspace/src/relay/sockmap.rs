@@ -17,7 +17,7 @@ use std::{
 
 use proxy_common::{
     metrics::{Counter, DataPath, Direction},
-    sockmap::BrakeControl,
+    sockmap::{BrakeControl, SEQ_BROKEN},
 };
 use tokio::net::TcpStream;
 
@@ -219,6 +219,10 @@ pub async fn relay(
         }
         Err(e) => Err(e),
     };
+    let overlap = sm.overlap(&pair);
+    if overlap > 0 {
+        shared.metrics.add(Counter::SockmapOverlapBytes, overlap);
+    }
     let (up, down) = sm.finish(&pair);
     let end = match res {
         Ok(end) => end,
@@ -358,8 +362,18 @@ impl Dir<'_> {
         Ok(())
     }
 
-    /// The source reached its checkpoint: brake it while the peer is too far behind.
+    /// The source reached its checkpoint (or its verdict could not keep the stream exact):
+    /// brake it while the peer is too far behind.
     async fn brake(&self, shared: &Shared) -> io::Result<()> {
+        if self
+            .sm
+            .brake_state(self.src_cookie)
+            .is_some_and(|s| s.seq_known == SEQ_BROKEN)
+        {
+            return Err(io::Error::other(
+                "a retransmitted segment repeating forwarded bytes could not be cut",
+            ));
+        }
         let (backlog, total) = self.backlog()?;
         if backlog < BRAKE_HIGH {
             return self.set_control(BrakeControl {
