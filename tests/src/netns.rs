@@ -156,6 +156,18 @@ pub struct Topology {
     n: u32,
 }
 
+/// [`crate::require_privileged`] plus working network namespaces: `true` when a test that
+/// builds a [`Topology`] may go on; otherwise skips or, when `CI=true`, panics.
+pub fn require(feature: &str) -> bool {
+    if !crate::require_privileged(feature) {
+        return false;
+    }
+    match available() {
+        Ok(()) => true,
+        Err(e) => crate::skip_or_panic(feature, &e),
+    }
+}
+
 /// Whether `ip netns` works here (root, iproute2).
 pub fn available() -> Result<(), String> {
     let out = Command::new("ip")

@@ -18,8 +18,7 @@ use std::{
 
 use proxy_integration::{
     netns::{self, Topology},
-    poll_until, require_privileged, skip_or_panic, socks, within, Daemon, DaemonOpts, DataPath,
-    Pattern, Task,
+    poll_until, socks, within, Daemon, DaemonOpts, DataPath, Pattern, Task,
 };
 use rstest::rstest;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -41,16 +40,6 @@ const TCP_QUEUE_SEQ: libc::c_int = 21;
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-
-fn gate(feature: &str) -> bool {
-    if !require_privileged(feature) {
-        return false;
-    }
-    match netns::available() {
-        Ok(()) => true,
-        Err(e) => skip_or_panic(feature, &e),
-    }
-}
 
 fn setsockopt(fd: RawFd, name: libc::c_int, value: libc::c_int) {
     // SAFETY: plain setsockopt(2) with an int option.
@@ -204,7 +193,7 @@ fn send_raw(packet: &[u8], to: Ipv4Addr) {
 #[case::auto(DataPath::Auto)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retransmission_overlapping_received_bytes_arrives_once(#[case] path: DataPath) {
-    if !gate("TCP overlap through the proxy") {
+    if !netns::require("TCP overlap through the proxy, sockmap path included") {
         return;
     }
     let t = Topology::new();

@@ -15,22 +15,12 @@ use proxy_integration::dgram::{assert_quiet, recv_from};
 use proxy_integration::{
     checks::{wait_gauge, STATS_SETTLE},
     netns::{self, udp_in_datagrams, Topology},
-    poll_until, require_privileged, skip_or_panic,
+    poll_until,
     socks::{self, parse_udp_datagram, udp_datagram, Auth, Target},
     Daemon, DaemonOpts, DataPath, Pattern, Stats,
 };
 use rstest::rstest;
 use tokio::net::{TcpStream, UdpSocket};
-
-fn gate(feature: &str) -> bool {
-    if !require_privileged(feature) {
-        return false;
-    }
-    match netns::available() {
-        Ok(()) => true,
-        Err(e) => skip_or_panic(feature, &e),
-    }
-}
 
 /// The daemon in the proxy namespace, listening on its client-side address, XDP on p0 and p1.
 fn start(t: &Topology, v6: bool, offload: bool, extra: &str) -> Daemon {
@@ -195,7 +185,7 @@ impl Flow {
 #[case::domain(Flow::Domain, true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xdp_round_trips(#[case] flow: Flow, #[case] offload: bool) {
-    if !gate("XDP UDP fast path") {
+    if !netns::require("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
@@ -318,7 +308,7 @@ async fn xdp_round_trips(#[case] flow: Flow, #[case] offload: bool) {
 #[case::ipv6(true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xdp_early_drops(#[case] v6: bool) {
-    if !gate("XDP UDP fast path") {
+    if !netns::require("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
@@ -419,7 +409,7 @@ async fn xdp_early_drops(#[case] v6: bool) {
 #[case::ipv6(true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xdp_teardown_removes_the_flow(#[case] v6: bool) {
-    if !gate("XDP UDP fast path") {
+    if !netns::require("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
@@ -471,7 +461,7 @@ async fn xdp_teardown_removes_the_flow(#[case] v6: bool) {
 #[case::ipv6(true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xdp_large_datagrams(#[case] v6: bool) {
-    if !gate("XDP UDP fast path") {
+    if !netns::require("XDP UDP fast path") {
         return;
     }
     let t = Topology::new();
