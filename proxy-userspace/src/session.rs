@@ -219,17 +219,17 @@ pub async fn handle(
     };
     // Each stage's state is boxed and freed when the stage ends, so that a long-lived relaying
     // session holds only what relaying needs (a future is as large as its largest state).
-    let negotiated = match timeout(
+    let negotiated = match Box::pin(timeout(
         config.timeouts.negotiation,
-        Box::pin(negotiate(
+        negotiate(
             shared,
             &session,
             &config,
             &mut client,
             peer,
             methods.as_deref(),
-        )),
-    )
+        ),
+    ))
     .await
     {
         Ok(r) => r,
@@ -252,10 +252,45 @@ pub async fn handle(
     end.target = Some(n.address.to_string());
     end.user.clone_from(&n.user);
     session.set_request(n.command, n.address.to_string(), n.user.clone());
-    match serve(shared, &session, &config, id, client, peer, n).await {
+    // The request's state is freed before relaying begins (bound first, so that its box is
+    // dropped at the end of the statement).
+    let served = Box::pin(serve(shared, &session, &config, client, peer, n)).await;
+    let served = match served {
+        Ok(Next::Relay(r)) => {
+            let Ready {
+                client,
+                upstream,
+                consumed,
+            } = *r;
+            Ok(Served::Relayed(
+                Box::pin(relay::relay(
+                    shared, &session, &config, id, client, upstream, consumed,
+                ))
+                .await,
+            ))
+        }
+        Ok(Next::Served(s)) => Ok(s),
+        Err(e) => Err(e),
+    };
+    match served {
         Ok(s) => end.served(&session, s),
         Err(e) => end.failed(shared, &session, &e),
     }
+}
+
+/// What serving a request leads to.
+enum Next {
+    /// CONNECT or BIND established its pair; the relay comes next.
+    Relay(Box<Ready>),
+    /// The request was served without a relay.
+    Served(Served),
+}
+
+/// A CONNECT or BIND pair ready for the relay.
+struct Ready {
+    client: TcpStream,
+    upstream: TcpStream,
+    consumed: Consumed,
 }
 
 /// What a served request did.
@@ -731,11 +766,10 @@ async fn serve(
     shared: &Shared,
     session: &SessionHandle<'_>,
     config: &Config,
-    id: u64,
     mut client: TcpStream,
     peer: SocketAddr,
     n: Negotiated,
-) -> Result<Served, SessionError> {
+) -> Result<Next, SessionError> {
     let replier = Replier { version: n.version };
     let targets = match Box::pin(authorize(shared, session, config, peer, &n)).await {
         Ok(t) => t,
@@ -789,14 +823,14 @@ async fn serve(
             .await?
             {
                 Some(s) => s,
-                None => return Ok(Served::BindAbandoned),
+                None => return Ok(Next::Served(Served::BindAbandoned)),
             }
         }
         acl::Command::UdpAssociate => {
             session.set_state(State::Udp);
             return Box::pin(udp_associate(shared, config, &mut client, peer, &n))
                 .await
-                .map(Served::Udp);
+                .map(|u| Next::Served(Served::Udp(u)));
         }
     };
     let _ = upstream.set_nodelay(true);
@@ -814,12 +848,11 @@ async fn serve(
         forwarded: n.leftover.len() as u64,
         ..Consumed::default()
     };
-    Ok(Served::Relayed(
-        Box::pin(relay::relay(
-            shared, session, config, id, client, upstream, consumed,
-        ))
-        .await,
-    ))
+    Ok(Next::Relay(Box::new(Ready {
+        client,
+        upstream,
+        consumed,
+    })))
 }
 
 /// Bandwidth limits as socket pacing (SO_MAX_PACING_RATE): enforced by TCP itself, so spliced

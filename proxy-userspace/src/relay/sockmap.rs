@@ -199,21 +199,24 @@ pub async fn relay(
                     ..Default::default()
                 }),
             };
-            let up = up_dir.run(shared);
-            let down = async {
-                if pair.upstream_active {
-                    down_dir.run(shared).await
-                } else {
-                    Box::pin(copy_rest(shared, &upstream, &uw, &client, Direction::Down)).await
-                }
-            };
             // Idle time is judged on the kernel's per-socket counters.
             let activity = || {
                 let bytes = |cookie| sm.traffic(cookie).map_or(0, |t| t.bytes);
                 bytes(pair.client_cookie) + bytes(pair.upstream_cookie)
             };
+            // The direction futures are built in place: a future held in a local before being
+            // moved into another would take room in this state twice.
             tokio::select! {
-                r = async { tokio::try_join!(up, down) } => r.map(|_| End::Eof),
+                r = async {
+                    tokio::try_join!(up_dir.run(shared), async {
+                        if pair.upstream_active {
+                            down_dir.run(shared).await
+                        } else {
+                            Box::pin(copy_rest(shared, &upstream, &uw, &client, Direction::Down))
+                                .await
+                        }
+                    })
+                } => r.map(|_| End::Eof),
                 () = super::idle_watch(idle, activity) => Ok(End::Idle),
             }
         }
