@@ -134,26 +134,31 @@ pub async fn relay(
         (config.data_path == DataPathMode::Auto && sockmap).then(splice::Promotion::default);
     let mut outcome = match path {
         DataPath::Copy => Box::pin(copy::relay(shared, client, upstream, idle, &bytes)).await,
-        _ => match Box::pin(splice::relay(
-            shared,
-            client,
-            upstream,
-            idle,
-            &bytes,
-            promotion.as_ref(),
-        ))
-        .await
-        {
-            splice::Spliced::Done(outcome) => outcome,
-            splice::Spliced::Promoted { client, upstream } => {
-                let pair = (client, upstream);
-                let promoted = promote(shared, session, session_id, pair, consumed, &bytes, idle);
-                match Box::pin(promoted).await {
-                    Ok(outcome) => return outcome,
-                    Err(outcome) => outcome,
+        _ => {
+            // Bound first: a temporary in the `match` below would keep splice(2)'s box
+            // allocated for the whole life of a promoted session.
+            let spliced = Box::pin(splice::relay(
+                shared,
+                client,
+                upstream,
+                idle,
+                &bytes,
+                promotion.as_ref(),
+            ))
+            .await;
+            match spliced {
+                splice::Spliced::Done(outcome) => outcome,
+                splice::Spliced::Promoted { client, upstream } => {
+                    let pair = (client, upstream);
+                    let promoted =
+                        promote(shared, session, session_id, pair, consumed, &bytes, idle);
+                    match Box::pin(promoted).await {
+                        Ok(outcome) => return outcome,
+                        Err(outcome) => outcome,
+                    }
                 }
             }
-        },
+        }
     };
     outcome.up += consumed.forwarded;
     outcome
@@ -194,7 +199,13 @@ async fn promote(
         counted_down: down,
     };
     shared.metrics.inc(Counter::SessionsPromoted);
-    match to_sockmap(shared, session, session_id, client, upstream, moved, idle).await {
+    // Each outcome's future boxed on its own: this one's state is then only the larger box's
+    // pointer, not the splice(2) fallback's state beside the sockhash's.
+    let handed = Box::pin(to_sockmap(
+        shared, session, session_id, client, upstream, moved, idle,
+    ))
+    .await;
+    match handed {
         Ok(mut outcome) => {
             outcome.promoted = true;
             Ok(outcome)
@@ -220,7 +231,7 @@ async fn promote(
                 Some(bytes.clone()),
                 consumed.forwarded,
             );
-            match splice::relay(shared, client, upstream, idle, bytes, None).await {
+            match Box::pin(splice::relay(shared, client, upstream, idle, bytes, None)).await {
                 splice::Spliced::Done(outcome) => Err(outcome),
                 // Without a `Promotion` splice(2) runs to the end.
                 splice::Spliced::Promoted { .. } => Err(Outcome {
