@@ -618,7 +618,6 @@ impl Sockmap {
             .ok()
     }
 
-    /// Reads the final counters of a pair and removes them: `(up, down)`.
     /// Bytes the verdict cut off retransmitted skbs of the pair (both sockets): they repeated
     /// bytes already forwarded.
     pub fn overlap(&self, pair: &SplicedPair) -> u64 {
@@ -626,6 +625,7 @@ impl Sockmap {
         st(pair.client_cookie) + st(pair.upstream_cookie)
     }
 
+    /// Reads the final counters of a pair and removes them: `(up, down)`.
     pub fn finish(&self, pair: &SplicedPair) -> (SessionTraffic, SessionTraffic) {
         let mut s = self.sessions.lock().expect("sessions lock");
         let up = s.get(&pair.client_cookie, 0).unwrap_or_default();
