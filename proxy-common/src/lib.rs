@@ -453,11 +453,15 @@ pub mod metrics {
         /// Bytes of retransmitted TCP segments that repeated bytes a spliced socket had already
         /// received, cut off by the verdict so that the peer gets every byte once.
         SockmapOverlapBytes = 93,
+        /// Sessions the kernel carries that wait as a record, with no task, until a FIN, a
+        /// reset, a brake checkpoint or their idle timeout (a gauge; part of the sockmap
+        /// sessions active).
+        SessionsParked = 94,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 94] = [
+        pub const ALL: [Self; 95] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -552,6 +556,7 @@ pub mod metrics {
             Self::SockmapBrakeBytes,
             Self::SessionsPromoted,
             Self::SockmapOverlapBytes,
+            Self::SessionsParked,
         ];
 
         /// Name used in stats output.
@@ -582,6 +587,7 @@ pub mod metrics {
                 Self::SockmapBrakeBytes => "sockmap_brake_bytes",
                 Self::SessionsPromoted => "sessions_promoted",
                 Self::SockmapOverlapBytes => "sockmap_overlap_bytes",
+                Self::SessionsParked => "sessions_parked",
                 Self::SessionsCreatedConnect => "sessions_created_connect",
                 Self::SessionsCreatedBind => "sessions_created_bind",
                 Self::SessionsCreatedUdp => "sessions_created_udp_associate",

@@ -288,6 +288,19 @@ impl Collector for SnapshotCollector {
             MetricType::Gauge,
             &states,
         )?;
+        family(
+            &mut enc,
+            "sessions_parked",
+            "Sessions the kernel carries that wait with no task until a FIN, a reset, a brake checkpoint or their idle timeout (part of sessions_active{state=\"sockmap\"}).",
+            None,
+            MetricType::Gauge,
+            &[(
+                Labels::new(),
+                ConstGauge::new(
+                    i64::try_from(s.counter(Counter::SessionsParked)).unwrap_or(i64::MAX),
+                ),
+            )],
+        )?;
 
         let commands = |counters: [Counter; 3]| -> Vec<(Labels, ConstCounter)> {
             ["connect", "bind", "udpassociate"]

@@ -28,6 +28,7 @@ use proxy_common::{
 
 use crate::{
     metrics::{Cells, Metrics},
+    relay::watch::Waiter,
     sys,
 };
 
@@ -94,20 +95,41 @@ pub struct Sockmap {
 
 /// Delivers brake events from the ring buffer to the sessions waiting for them.
 struct BrakeDispatcher {
-    waiters: Mutex<std::collections::HashMap<u64, std::sync::Arc<tokio::sync::Notify>>>,
+    waiters: Mutex<std::collections::HashMap<u64, Waiter>>,
 }
 
 /// A socket's subscription to its brake events; unsubscribes on drop.
 pub struct BrakeWatch {
     dispatcher: std::sync::Arc<BrakeDispatcher>,
     cookie: u64,
-    notify: std::sync::Arc<tokio::sync::Notify>,
+    /// Set while a task waits; None while the session is parked.
+    notify: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl BrakeWatch {
-    /// Resolves when the verdict reported that the socket reached its checkpoint.
+    /// Resolves when the verdict reported that the socket reached its checkpoint (spurious
+    /// returns are possible). Never resolves before [`Self::activate`] on a watch made for a
+    /// parked session.
     pub async fn fired(&self) {
-        self.notify.notified().await;
+        match &self.notify {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Hands the socket's brake events to a task from now on (its session was parked), with one
+    /// event pending: one may have gone to the parked session in the meantime.
+    pub fn activate(&mut self) {
+        let notify = self.notify.get_or_insert_with(|| {
+            let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+            self.dispatcher
+                .waiters
+                .lock()
+                .expect("brake waiters lock")
+                .insert(self.cookie, Waiter::Task(notify.clone()));
+            notify
+        });
+        notify.notify_one();
     }
 }
 
@@ -149,8 +171,8 @@ fn start_dispatcher(ring: RingBuf<MapData>) -> io::Result<std::sync::Arc<BrakeDi
             while let Some(item) = ring.next() {
                 any = true;
                 if let Ok(bytes) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) {
-                    if let Some(n) = waiters.get(&u64::from_ne_bytes(bytes)) {
-                        n.notify_one();
+                    if let Some(w) = waiters.get(&u64::from_ne_bytes(bytes)) {
+                        w.wake();
                     }
                 }
             }
@@ -552,10 +574,10 @@ impl Sockmap {
         })
     }
 
-    /// Subscribes to the brake events of one socket. The dispatcher task starts on first use
-    /// (inside the runtime). None if the ring buffer could not be watched: the session then
-    /// runs without a brake.
-    pub fn brake_watch(&self, cookie: u64) -> Option<BrakeWatch> {
+    /// Subscribes to the brake events of one socket; they wake `waiter`. The dispatcher task
+    /// starts on first use (inside the runtime). None if the ring buffer could not be watched:
+    /// the session then runs without a brake.
+    pub fn brake_watch(&self, cookie: u64, waiter: Waiter) -> Option<BrakeWatch> {
         let d = self
             .dispatcher
             .get_or_init(|| {
@@ -569,11 +591,14 @@ impl Sockmap {
                 }
             })
             .clone()?;
-        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = match &waiter {
+            Waiter::Task(n) => Some(n.clone()),
+            Waiter::Parked(..) => None,
+        };
         d.waiters
             .lock()
             .expect("brake waiters lock")
-            .insert(cookie, notify.clone());
+            .insert(cookie, waiter);
         Some(BrakeWatch {
             dispatcher: d,
             cookie,

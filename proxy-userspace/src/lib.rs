@@ -46,7 +46,7 @@ use crate::{
     kernel::Kernel,
     metrics::{Failure, Metrics},
     registry::Registry,
-    relay::{splice::PipePool, watch::Watcher},
+    relay::{park::Parking, splice::PipePool, watch::Watcher},
 };
 
 /// State shared by every session.
@@ -67,6 +67,8 @@ pub struct Shared {
     pub pipes: PipePool,
     /// End-of-stream watcher for spliced sockets.
     pub watcher: Arc<Watcher>,
+    /// Sessions the kernel carries, while they wait without a task.
+    pub parking: Arc<Parking>,
     /// Slows down repeated authentication failures per source address.
     pub auth_failures: FailureTracker,
     /// Sessions per client address, for `limits.max_sessions_per_client`.
@@ -84,7 +86,17 @@ pub struct Shared {
     pub metrics_listen: OnceLock<SocketAddr>,
 }
 
+/// What an open session holds until it ends: its place under the session limit and the
+/// per-client limit, and in the count the shutdown drain waits on.
+#[derive(Debug)]
+pub struct Guards {
+    _slot: ClientSlot,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _done: mpsc::Sender<()>,
+}
+
 /// Holds a client's slot in the per-client count.
+#[derive(Debug)]
 struct ClientSlot {
     shared: Arc<Shared>,
     ip: IpAddr,
@@ -332,6 +344,7 @@ pub async fn run(
         xdp,
         pipes: PipePool::default(),
         watcher,
+        parking: Arc::default(),
         auth_failures: FailureTracker::new(),
         per_client: Mutex::new(HashMap::new()),
         registry: Registry::default(),
@@ -472,6 +485,8 @@ pub async fn run(
         }
         () = again => tracing::warn!(sessions = shared.registry.len(), "second stop signal: closing open sessions now"),
     }
+    // Parked sessions hold the shared state; their tasks would go with the runtime.
+    shared.parking.close();
     Ok(())
 }
 
@@ -525,12 +540,13 @@ async fn accept_loop(
             continue;
         };
         let shared = shared.clone();
-        let done = done.clone();
+        let guards = Guards {
+            _slot: slot,
+            _permit: permit,
+            _done: done.clone(),
+        };
         tokio::spawn(async move {
-            session::handle(&shared, config, stream, peer, methods).await;
-            drop(slot);
-            drop(permit);
-            drop(done);
+            session::handle(&shared, config, stream, peer, methods, guards).await;
         });
     }
 }

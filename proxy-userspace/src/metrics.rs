@@ -306,6 +306,29 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// [`ActiveGuard`] for state that outlives any borrow: a parked session's.
+#[derive(Debug)]
+pub struct OwnedActiveGuard {
+    shared: std::sync::Arc<crate::Shared>,
+    path: DataPath,
+}
+
+impl OwnedActiveGuard {
+    /// Marks a session as relaying on `path` until the guard drops.
+    pub fn new(shared: std::sync::Arc<crate::Shared>, path: DataPath) -> Self {
+        shared.metrics.inc(Counter::total(path));
+        shared.metrics.inc(Counter::active(path));
+        Self { shared, path }
+    }
+}
+
+impl Drop for OwnedActiveGuard {
+    fn drop(&mut self) {
+        self.shared.metrics.dec(Counter::active(self.path));
+        self.shared.metrics.inc(Counter::ended(self.path));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -256,12 +256,7 @@ pub struct SessionInfo {
 impl Registry {
     /// Registers a new session in state `Negotiating`; it leaves the registry, and its state
     /// gauge, when the handle drops.
-    pub fn open<'a>(
-        &'a self,
-        shared: &'a Shared,
-        id: u64,
-        client: SocketAddr,
-    ) -> SessionHandle<'a> {
+    pub fn open(&self, shared: &Arc<Shared>, id: u64, client: SocketAddr) -> SessionHandle {
         let entry = Entry {
             client,
             started: Instant::now(),
@@ -280,7 +275,7 @@ impl Registry {
         shared.metrics.inc(Counter::SessionsNegotiating);
         m.insert(id, entry);
         SessionHandle {
-            shared,
+            shared: shared.clone(),
             id,
             logged: AtomicBool::new(false),
         }
@@ -415,16 +410,17 @@ fn info(shared: &Shared, now: Instant, id: u64, e: Entry) -> SessionInfo {
     }
 }
 
-/// A session's place in the registry. Updates take the registry lock once each.
+/// A session's place in the registry. Updates take the registry lock once each. It owns its
+/// reference to the shared state, so a parked session (one whose task ended) can keep it.
 #[derive(Debug)]
-pub struct SessionHandle<'a> {
-    shared: &'a Shared,
+pub struct SessionHandle {
+    shared: Arc<Shared>,
     id: u64,
     /// Set once the session's end line was logged.
     logged: AtomicBool,
 }
 
-impl SessionHandle<'_> {
+impl SessionHandle {
     /// Notes that the end-of-session line was logged.
     pub fn logged(&self) {
         self.logged.store(true, Relaxed);
@@ -510,7 +506,7 @@ impl SessionHandle<'_> {
     }
 }
 
-impl Drop for SessionHandle<'_> {
+impl Drop for SessionHandle {
     fn drop(&mut self) {
         let registry = &self.shared.registry;
         let e = {
@@ -521,7 +517,7 @@ impl Drop for SessionHandle<'_> {
                 return;
             };
             if e.command.is_some() {
-                let (up, down) = current_bytes(self.shared, &e);
+                let (up, down) = current_bytes(&self.shared, &e);
                 let mut totals = registry.ended.lock().expect("registry lock");
                 totals
                     .users
@@ -543,7 +539,7 @@ impl Drop for SessionHandle<'_> {
         if !self.logged.load(Relaxed) {
             // The session's task was dropped (the drain period ran out at shutdown): log its end
             // with what the registry knows.
-            let i = info(self.shared, Instant::now(), self.id, e);
+            let i = info(&self.shared, Instant::now(), self.id, e);
             tracing::info!(
                 session = i.id,
                 client = %i.client,

@@ -29,7 +29,7 @@ use crate::{
     metrics::Failure,
     registry::{SessionHandle, State},
     relay::{self, Consumed, End},
-    sys, udp, Shared,
+    sys, udp, Guards, Shared,
 };
 
 /// Upper bound on what the daemon buffers from a client before the relay starts. Any SOCKS
@@ -201,11 +201,12 @@ fn unspecified() -> SocketAddr {
 ///
 /// `methods` is the client rule's method restriction (`None`: the configured methods).
 pub async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     config: Arc<Config>,
     mut client: TcpStream,
     peer: SocketAddr,
     methods: Option<Vec<AuthMethod>>,
+    guards: Guards,
 ) {
     let id = NEXT_SESSION.fetch_add(1, Relaxed);
     let session = shared.registry.open(shared, id, peer);
@@ -262,12 +263,24 @@ pub async fn handle(
                 upstream,
                 consumed,
             } = *r;
-            Ok(Served::Relayed(
-                Box::pin(relay::relay(
-                    shared, &session, &config, id, client, upstream, consumed,
-                ))
-                .await,
+            let relayed = Box::pin(relay::relay(
+                shared, &session, &config, id, client, upstream, consumed,
             ))
+            .await;
+            match relayed {
+                relay::Relayed::Done(o) => Ok(Served::Relayed(o)),
+                relay::Relayed::Carried(carry) => {
+                    // The kernel carries the pair: this task ends, and the session waits as a
+                    // parked record until something happens to it.
+                    let tail = Tail {
+                        session,
+                        ending: end,
+                        _guards: guards,
+                    };
+                    shared.parking.park(shared, carry, tail);
+                    return;
+                }
+            }
         }
         Ok(Next::Served(s)) => Ok(s),
         Err(e) => Err(e),
@@ -275,6 +288,28 @@ pub async fn handle(
     match served {
         Ok(s) => end.served(&session, s),
         Err(e) => end.failed(shared, &session, &e),
+    }
+}
+
+/// What a parked session's end needs: its registry entry, its log line's fields, and the places
+/// it holds under the session limits and in the drain's count. Fields drop in order: the
+/// session leaves the registry before its places are freed.
+#[derive(Debug)]
+pub struct Tail {
+    session: SessionHandle,
+    ending: Ending,
+    _guards: Guards,
+}
+
+impl Tail {
+    /// The session's id.
+    pub fn id(&self) -> u64 {
+        self.ending.id
+    }
+
+    /// Ends the session with what its relay did: one log line, the registry's totals.
+    pub fn finish(self, outcome: relay::Outcome) {
+        self.ending.served(&self.session, Served::Relayed(outcome));
     }
 }
 
@@ -306,6 +341,7 @@ enum Served {
 /// What the end-of-session log line needs; every way a session ends goes through
 /// [`Ending::served`] or [`Ending::failed`], which log exactly one `session ...` line with the
 /// same fields.
+#[derive(Debug)]
 struct Ending {
     id: u64,
     peer: SocketAddr,
@@ -316,7 +352,7 @@ struct Ending {
 }
 
 impl Ending {
-    fn served(&self, session: &SessionHandle<'_>, served: Served) {
+    fn served(&self, session: &SessionHandle, served: Served) {
         match &served {
             Served::Relayed(o) => session.ended(o.up, o.down),
             Served::Udp(o) => session.ended(o.up_bytes, o.down_bytes),
@@ -370,7 +406,7 @@ impl Ending {
         }
     }
 
-    fn failed(&self, shared: &Shared, session: &SessionHandle<'_>, e: &SessionError) {
+    fn failed(&self, shared: &Shared, session: &SessionHandle, e: &SessionError) {
         session.logged();
         shared.metrics.inc(Counter::SessionsFailed);
         let failure = e.failure();
@@ -463,7 +499,7 @@ async fn write(client: &mut TcpStream, bytes: &[u8]) -> Result<(), SessionError>
 
 async fn negotiate(
     shared: &Shared,
-    session: &SessionHandle<'_>,
+    session: &SessionHandle,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -530,7 +566,7 @@ async fn negotiate_v4(
 )]
 async fn negotiate_v5(
     shared: &Shared,
-    session: &SessionHandle<'_>,
+    session: &SessionHandle,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -664,7 +700,7 @@ async fn authenticate(
 /// resolved address; only addresses that pass are returned.
 async fn authorize(
     shared: &Shared,
-    session: &SessionHandle<'_>,
+    session: &SessionHandle,
     config: &Config,
     peer: SocketAddr,
     n: &Negotiated,
@@ -764,7 +800,7 @@ async fn authorize(
 /// Serves an authorised request. Returns the relay outcome for CONNECT and BIND, None for UDP.
 async fn serve(
     shared: &Shared,
-    session: &SessionHandle<'_>,
+    session: &SessionHandle,
     config: &Config,
     mut client: TcpStream,
     peer: SocketAddr,
@@ -912,7 +948,7 @@ async fn connect(config: &Config, targets: &[SocketAddr]) -> io::Result<TcpStrea
 /// who connected. Returns the accepted connection, or None when the client went away.
 async fn bind(
     shared: &Shared,
-    session: &SessionHandle<'_>,
+    session: &SessionHandle,
     config: &Config,
     client: &mut TcpStream,
     replier: Replier,

@@ -424,12 +424,21 @@ impl Snapshot {
                     let _ = writeln!(out, "  {k:<30} {v:>12}");
                 }
             };
-        let states = self.states();
+        let mut states: Vec<(String, u64)> = self
+            .states()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        states.push((
+            "parked (of sockmap)".to_owned(),
+            self.counter(Counter::SessionsParked),
+        ));
         section(
             &mut out,
             "SESSIONS NOW (by state)",
-            states.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            states,
             vec![
+                Counter::SessionsParked.name(),
                 Counter::SessionsNegotiating.name(),
                 Counter::SessionsAuthenticating.name(),
                 Counter::SessionsResolving.name(),

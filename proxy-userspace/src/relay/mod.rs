@@ -3,6 +3,7 @@
 //! userspace copy ([`copy`]). [`relay`] picks the path and falls back per session.
 
 pub mod copy;
+pub mod park;
 pub mod sockmap;
 pub mod splice;
 pub mod watch;
@@ -16,6 +17,7 @@ use std::{
 use proxy_common::metrics::{Counter, DataPath, Direction};
 use tokio::net::TcpStream;
 
+use self::watch::Waiter;
 use crate::{
     config::DataPathMode,
     registry::{ByteCounters, SessionHandle},
@@ -81,19 +83,29 @@ pub struct Consumed {
     pub counted_down: u64,
 }
 
-/// Relays until both directions are closed, on the configured path, falling back per session.
+/// Where a relay got to.
+#[derive(Debug)]
+pub enum Relayed {
+    /// The session ended.
+    Done(Outcome),
+    /// The kernel carries the pair; the caller parks it ([`park`]) or runs it to its end.
+    Carried(Box<sockmap::Carry>),
+}
+
+/// Relays on the configured path, falling back per session, until both directions are closed
+/// or the kernel carries the pair.
 ///
 /// `auto` starts on splice(2) and promotes the session to the sockhash once it looks
 /// interactive or idle (see [`splice::Promotion`]); `sockmap` goes to the sockhash at once.
 pub async fn relay(
-    shared: &Shared,
-    session: &SessionHandle<'_>,
+    shared: &Arc<Shared>,
+    session: &SessionHandle,
     config: &Config,
     session_id: u64,
     client: TcpStream,
     upstream: TcpStream,
     consumed: Consumed,
-) -> Outcome {
+) -> Relayed {
     let idle = config.timeouts.idle;
     let sockmap = shared.sockmap().is_some();
     // Every path's future is boxed: a future is as large as its largest state, so only the
@@ -104,7 +116,7 @@ pub async fn relay(
         ))
         .await
         {
-            Ok(outcome) => return outcome,
+            Ok(relayed) => return relayed,
             Err(f) => f,
         }
     } else {
@@ -153,7 +165,7 @@ pub async fn relay(
                     let promoted =
                         promote(shared, session, session_id, pair, consumed, &bytes, idle);
                     match Box::pin(promoted).await {
-                        Ok(outcome) => return outcome,
+                        Ok(relayed) => return relayed,
                         Err(outcome) => outcome,
                     }
                 }
@@ -161,7 +173,7 @@ pub async fn relay(
         }
     };
     outcome.up += consumed.forwarded;
-    outcome
+    Relayed::Done(outcome)
 }
 
 /// Adds the payload the daemon moved itself at a handover to `path`'s traffic figures, less
@@ -178,17 +190,17 @@ fn count_handover(shared: &Shared, path: DataPath, consumed: &Consumed, counted:
 }
 
 /// Moves a session that splice(2) stopped for its promotion into the sockhash. `Ok`: the
-/// session's outcome there. `Err`: the kernel refused the pair, which then finished on
-/// splice(2) (its `up` still lacks `consumed.forwarded`, like any splice(2) outcome).
+/// kernel carries it. `Err`: the kernel refused the pair, which then finished on splice(2) (its
+/// `up` still lacks `consumed.forwarded`, like any splice(2) outcome).
 async fn promote(
-    shared: &Shared,
-    session: &SessionHandle<'_>,
+    shared: &Arc<Shared>,
+    session: &SessionHandle,
     session_id: u64,
     (client, upstream): (TcpStream, TcpStream),
     consumed: Consumed,
     bytes: &Arc<ByteCounters>,
     idle: Duration,
-) -> Result<Outcome, Outcome> {
+) -> Result<Relayed, Outcome> {
     let (up, down) = (bytes.up.load(Relaxed), bytes.down.load(Relaxed));
     let moved = Consumed {
         from_client: consumed.from_client + up,
@@ -206,9 +218,13 @@ async fn promote(
     ))
     .await;
     match handed {
-        Ok(mut outcome) => {
+        Ok(Relayed::Carried(mut carry)) => {
+            carry.promoted = true;
+            Ok(Relayed::Carried(carry))
+        }
+        Ok(Relayed::Done(mut outcome)) => {
             outcome.promoted = true;
-            Ok(outcome)
+            Ok(Relayed::Done(outcome))
         }
         Err((client, upstream, left)) => {
             // What the handover moved before the refusal belongs to splice(2)'s figures.
@@ -248,23 +264,30 @@ async fn promote(
 
 /// Hands the pair to the sockhash; on refusal, gives it back with what the handover moved.
 async fn to_sockmap(
-    shared: &Shared,
-    session: &SessionHandle<'_>,
+    shared: &Arc<Shared>,
+    session: &SessionHandle,
     session_id: u64,
     client: TcpStream,
     upstream: TcpStream,
     consumed: Consumed,
     idle: Duration,
-) -> Result<Outcome, (TcpStream, TcpStream, Consumed)> {
+) -> Result<Relayed, (TcpStream, TcpStream, Consumed)> {
     let Some(sm) = shared.sockmap() else {
         return Err((client, upstream, consumed));
     };
     // The sockets keep their descriptors when they leave the reactor, so the registry can read
     // their TCP_INFO; the byte counts are the kernel's per-socket counters.
     session.relaying(DataPath::Sockmap, &client, &upstream, None, 0);
-    match sockmap::relay(shared, sm, session_id, client, upstream, consumed, idle).await {
-        Ok(outcome) => Ok(outcome),
-        Err(fallback) => {
+    // The pair's events go to the parked session (it has no task while nothing happens).
+    let waiter = Waiter::Parked(shared.parking.clone(), session_id);
+    let handed = sockmap::relay(
+        shared, sm, session_id, client, upstream, consumed, idle, &waiter,
+    )
+    .await;
+    match handed {
+        sockmap::Handover::Carried(carry) => Ok(Relayed::Carried(carry)),
+        sockmap::Handover::Failed(outcome) => Ok(Relayed::Done(outcome)),
+        sockmap::Handover::Refused(fallback) => {
             shared.metrics.inc(Counter::SessionsFallback);
             tracing::debug!(session = session_id, cause = %fallback.error, "sockmap splice refused, falling back to splice(2)");
             Err((fallback.client, fallback.upstream, fallback.consumed))
@@ -272,19 +295,53 @@ async fn to_sockmap(
     }
 }
 
-/// Resolves once `activity()` (a byte count) has not changed for `idle`. Checks a few times per
-/// idle period, so an idle session costs a timer wake-up every `idle / 4`, not per byte.
+/// Tells when a byte count stopped changing for the idle timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleClock {
+    idle: Duration,
+    last: u64,
+    since: Instant,
+}
+
+impl IdleClock {
+    /// Starts the clock at the count `activity`.
+    pub fn new(idle: Duration, activity: u64) -> Self {
+        Self {
+            idle,
+            last: activity,
+            since: Instant::now(),
+        }
+    }
+
+    /// How often to read the count: a few times per idle period, so an idle session costs a
+    /// check every `idle / 4`, not one per byte.
+    pub fn tick(&self) -> Duration {
+        (self.idle / 4).max(Duration::from_millis(100))
+    }
+
+    /// Notes the count read now; true once it has not changed for the idle timeout.
+    pub fn expired(&mut self, activity: u64) -> bool {
+        if activity != self.last {
+            self.last = activity;
+            self.since = Instant::now();
+            false
+        } else {
+            self.since.elapsed() >= self.idle
+        }
+    }
+}
+
+/// Resolves once `activity()` (a byte count) has not changed for `idle`.
 pub async fn idle_watch(idle: Duration, activity: impl Fn() -> u64) {
-    let tick = (idle / 4).max(Duration::from_millis(100));
-    let mut last = activity();
-    let mut since = Instant::now();
+    idle_watch_from(IdleClock::new(idle, activity()), activity).await;
+}
+
+/// [`idle_watch`] on a clock already running.
+pub async fn idle_watch_from(clock: IdleClock, activity: impl Fn() -> u64) {
+    let mut clock = clock;
     loop {
-        tokio::time::sleep(tick).await;
-        let now = activity();
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= idle {
+        tokio::time::sleep(clock.tick()).await;
+        if clock.expired(activity()) {
             return;
         }
     }

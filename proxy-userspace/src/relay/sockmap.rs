@@ -11,7 +11,7 @@ use std::{
     io::{self, Read as _, Write as _},
     net::TcpStream as StdTcpStream,
     os::fd::{AsFd, BorrowedFd},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -22,11 +22,12 @@ use proxy_common::{
 use tokio::net::TcpStream;
 
 use super::{
-    watch::{self, Watch},
-    Consumed, End, Outcome,
+    watch::{self, Waiter, Watch},
+    Consumed, End, IdleClock, Outcome,
 };
 use crate::{
-    kernel::{Sockmap, SpliceError, BRAKE_STEP},
+    kernel::{BrakeWatch, Sockmap, SpliceError, SplicedPair, BRAKE_STEP},
+    metrics::OwnedActiveGuard,
     sys, Shared,
 };
 
@@ -52,19 +53,61 @@ fn sent_total(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(sys::tcp_info(fd)?.bytes_acked + sys::outq(fd)?)
 }
 
-/// Splices the pair in the kernel and waits for the session to end.
+/// What handing a pair to the sockhash led to.
+#[derive(Debug)]
+pub enum Handover {
+    /// The kernel carries the pair; [`Carry`] holds what its end needs.
+    Carried(Box<Carry>),
+    /// The kernel refused the pair, which goes to another path.
+    Refused(Fallback),
+    /// The session ended during the handover.
+    Failed(Outcome),
+}
+
+/// A pair in the sockhash and what carrying it to its end takes: the sockets, their watches
+/// and the byte counts the end-of-stream logic works from. The daemon runs no code for the pair
+/// until one of the watches fires or the idle check is due, so a session that waits is only
+/// this record (see [`super::park`]).
+#[derive(Debug)]
+pub struct Carry {
+    // Fields drop in order: the watches leave the epoll set before the sockets close (a closed
+    // descriptor's number may be reused at once by another session's socket).
+    /// End-of-stream watches: client, upstream.
+    watches: (Watch, Watch),
+    /// Brake events: client, upstream (None without the ring buffer).
+    brakes: (Option<BrakeWatch>, Option<BrakeWatch>),
+    client: StdTcpStream,
+    upstream: StdTcpStream,
+    pair: SplicedPair,
+    consumed: Consumed,
+    /// The sockets' sent totals when the splice started: client, upstream.
+    sent0: (u64, u64),
+    _active: OwnedActiveGuard,
+    /// The idle timeout of the session.
+    pub idle: Duration,
+    /// The session began on splice(2) and was promoted (`auto`).
+    pub promoted: bool,
+}
+
+/// Splices the pair in the kernel. Events on the pair (FIN, reset, brake checkpoint) wake
+/// `waiter`.
 ///
 /// Must be called after the daemon has written everything it owes to either socket and has
 /// stopped reading from both; `consumed` says how much it read from the client.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per caller, all named"
+)]
 pub async fn relay(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     sm: &Sockmap,
     session_id: u64,
     mut client: TcpStream,
     mut upstream: TcpStream,
     consumed: Consumed,
     idle: Duration,
-) -> Result<Outcome, Fallback> {
+    waiter: &Waiter,
+) -> Handover {
     // The verdict reads whole skbs from the receive queue and ignores how much of a partially
     // read skb the daemon already consumed: a payload that arrived in the same segment as the
     // SOCKS request would be forwarded again from the skb's start, negotiation bytes included.
@@ -93,7 +136,7 @@ pub async fn relay(
             context: "forwarding queued bytes",
             source,
         };
-        return Err(Fallback {
+        return Handover::Refused(Fallback {
             client,
             upstream,
             error,
@@ -101,14 +144,14 @@ pub async fn relay(
         });
     }
     let baselines = sent_total(client.as_fd()).and_then(|c| Ok((c, sent_total(upstream.as_fd())?)));
-    let (sent0_client, sent0_upstream) = match baselines {
+    let sent0 = match baselines {
         Ok(b) => b,
         Err(source) => {
             let error = SpliceError {
                 context: "reading TCP_INFO",
                 source,
             };
-            return Err(Fallback {
+            return Handover::Refused(Fallback {
                 client,
                 upstream,
                 error,
@@ -124,7 +167,7 @@ pub async fn relay(
     ) {
         Ok(p) => p,
         Err(error) => {
-            return Err(Fallback {
+            return Handover::Refused(Fallback {
                 client,
                 upstream,
                 error,
@@ -132,7 +175,7 @@ pub async fn relay(
             })
         }
     };
-    let _active = shared.metrics.relaying(DataPath::Sockmap);
+    let active = OwnedActiveGuard::new(shared.clone(), DataPath::Sockmap);
     // Payload the daemon forwarded at the handover belongs to this path's figures too, so that
     // they count every payload byte exactly once.
     for (dir, n) in [
@@ -148,100 +191,198 @@ pub async fn relay(
     }
 
     // Leave tokio's reactor: it would be woken by every forwarded chunk.
+    let failed = |e: io::Error| {
+        let _ = sm.finish(&pair);
+        Handover::Failed(Outcome {
+            path: DataPath::Sockmap,
+            up: 0,
+            down: 0,
+            end: End::Error(e),
+            promoted: false,
+        })
+    };
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
         (Ok(c), Ok(u)) => (c, u),
-        (c, u) => {
-            // Cannot happen for a registered TcpStream; end the session cleanly all the same.
-            drop((c, u));
-            sm.finish(&pair);
-            let e = io::Error::other("cannot leave the reactor");
-            return Ok(Outcome {
-                path: DataPath::Sockmap,
-                up: 0,
-                down: 0,
-                end: End::Error(e),
-                promoted: false,
-            });
-        }
+        // Cannot happen for a registered TcpStream; end the session cleanly all the same.
+        _ => return failed(io::Error::other("cannot leave the reactor")),
     };
-
     let watches = shared
         .watcher
-        .watch(client.as_fd())
-        .and_then(|c| Ok((c, shared.watcher.watch(upstream.as_fd())?)));
-    let res = match watches {
-        Ok((cw, uw)) => {
-            let up_dir = Dir {
-                sm,
-                src: &client,
-                src_cookie: pair.client_cookie,
-                src_watch: &cw,
-                dst: &upstream,
-                consumed_src: consumed.from_client,
-                seed: consumed.forwarded,
-                sent0_dst: sent0_upstream,
-                control: Mutex::new(BrakeControl {
-                    checkpoint: consumed.forwarded + BRAKE_STEP,
-                    ..Default::default()
-                }),
-            };
-            let down_dir = Dir {
-                sm,
-                src: &upstream,
-                src_cookie: pair.upstream_cookie,
-                src_watch: &uw,
-                dst: &client,
-                consumed_src: consumed.from_upstream,
-                seed: consumed.forwarded_down,
-                sent0_dst: sent0_client,
-                control: Mutex::new(BrakeControl {
-                    checkpoint: consumed.forwarded_down + BRAKE_STEP,
-                    ..Default::default()
-                }),
-            };
-            // Idle time is judged on the kernel's per-socket counters.
-            let activity = || {
-                let bytes = |cookie| sm.traffic(cookie).map_or(0, |t| t.bytes);
-                bytes(pair.client_cookie) + bytes(pair.upstream_cookie)
-            };
-            // The direction futures are built in place: a future held in a local before being
-            // moved into another would take room in this state twice.
-            tokio::select! {
-                r = async {
-                    tokio::try_join!(up_dir.run(shared), async {
-                        if pair.upstream_active {
-                            down_dir.run(shared).await
-                        } else {
-                            Box::pin(copy_rest(shared, &upstream, &uw, &client, Direction::Down))
-                                .await
-                        }
-                    })
-                } => r.map(|_| End::Eof),
-                () = super::idle_watch(idle, activity) => Ok(End::Idle),
-            }
-        }
-        Err(e) => Err(e),
-    };
-    let overlap = sm.overlap(&pair);
-    if overlap > 0 {
-        shared.metrics.add(Counter::SockmapOverlapBytes, overlap);
-    }
-    let (up, down) = sm.finish(&pair);
-    let end = match res {
-        Ok(end) => end,
+        .watch_for(client.as_fd(), waiter.clone())
+        .and_then(|c| {
+            Ok((
+                c,
+                shared.watcher.watch_for(upstream.as_fd(), waiter.clone())?,
+            ))
+        });
+    let watches = match watches {
+        Ok(w) => w,
         Err(e) => {
             let _ = sys::set_linger_zero(client.as_fd());
             let _ = sys::set_linger_zero(upstream.as_fd());
-            End::Error(e)
+            return failed(e);
         }
     };
-    Ok(Outcome {
-        path: DataPath::Sockmap,
-        up: up.bytes,
-        down: down.bytes,
-        end,
+    let brakes = (
+        sm.brake_watch(pair.client_cookie, waiter.clone()),
+        sm.brake_watch(pair.upstream_cookie, waiter.clone()),
+    );
+    Handover::Carried(Box::new(Carry {
+        client,
+        upstream,
+        pair,
+        consumed,
+        sent0,
+        watches,
+        brakes,
+        _active: active,
+        idle,
         promoted: false,
-    })
+    }))
+}
+
+impl Carry {
+    /// The sockets' cookies: client, upstream.
+    pub fn cookies(&self) -> (u64, u64) {
+        (self.pair.client_cookie, self.pair.upstream_cookie)
+    }
+
+    /// Payload bytes the kernel counted on both sockets: what the idle check compares.
+    pub fn activity(&self, sm: &Sockmap) -> u64 {
+        let bytes = |cookie| sm.traffic(cookie).map_or(0, |t| t.bytes);
+        bytes(self.pair.client_cookie) + bytes(self.pair.upstream_cookie)
+    }
+
+    /// True when the pair needs a task now: an event may have fired before anyone listened for
+    /// it (a FIN, an error, a passed checkpoint, a stream the verdict could not keep exact), or
+    /// the upstream is not in the sockhash and its bytes need copying.
+    pub fn needs_task(&self, sm: &Sockmap) -> bool {
+        if !self.pair.upstream_active {
+            return true;
+        }
+        let closed = |s: &StdTcpStream| {
+            watch::state(s.as_fd()).map_or(true, |st| st.read_closed || st.error)
+        };
+        let braking = |cookie, seed| {
+            sm.traffic(cookie)
+                .is_some_and(|t| t.bytes >= seed + BRAKE_STEP)
+                || sm
+                    .brake_state(cookie)
+                    .is_some_and(|s| s.seq_known == SEQ_BROKEN)
+        };
+        closed(&self.client)
+            || closed(&self.upstream)
+            || braking(self.pair.client_cookie, self.consumed.forwarded)
+            || braking(self.pair.upstream_cookie, self.consumed.forwarded_down)
+    }
+
+    /// Ends a session that stayed idle for its timeout.
+    pub fn end_idle(self, shared: &Shared) -> Outcome {
+        self.end(shared, Ok(End::Idle))
+    }
+
+    /// Carries the pair to its end: waits for each side's FIN (braking a source whose peer falls
+    /// behind), forwards it once the kernel has handed every byte over, and returns when both
+    /// directions are closed, on an error, or after `idle` without payload.
+    pub async fn run(mut self, shared: &Shared, clock: IdleClock) -> Outcome {
+        let Some(sm) = shared.sockmap() else {
+            return self.end(shared, Err(io::Error::other("the sockhash is gone")));
+        };
+        // Events now wake this task; each direction re-checks its socket and brake first.
+        self.watches.0.activate();
+        self.watches.1.activate();
+        for b in [&mut self.brakes.0, &mut self.brakes.1]
+            .into_iter()
+            .flatten()
+        {
+            b.activate();
+        }
+        let consumed = &self.consumed;
+        let up_dir = Dir {
+            sm,
+            src: &self.client,
+            src_cookie: self.pair.client_cookie,
+            src_watch: &self.watches.0,
+            brake: self.brakes.0.as_ref(),
+            dst: &self.upstream,
+            consumed_src: consumed.from_client,
+            seed: consumed.forwarded,
+            sent0_dst: self.sent0.1,
+            control: Mutex::new(BrakeControl {
+                checkpoint: consumed.forwarded + BRAKE_STEP,
+                ..Default::default()
+            }),
+        };
+        let down_dir = Dir {
+            sm,
+            src: &self.upstream,
+            src_cookie: self.pair.upstream_cookie,
+            src_watch: &self.watches.1,
+            brake: self.brakes.1.as_ref(),
+            dst: &self.client,
+            consumed_src: consumed.from_upstream,
+            seed: consumed.forwarded_down,
+            sent0_dst: self.sent0.0,
+            control: Mutex::new(BrakeControl {
+                checkpoint: consumed.forwarded_down + BRAKE_STEP,
+                ..Default::default()
+            }),
+        };
+        // Idle time is judged on the kernel's per-socket counters.
+        let activity = || self.activity(sm);
+        // The direction futures are built in place: a future held in a local before being
+        // moved into another would take room in this state twice.
+        let res = tokio::select! {
+            r = async {
+                tokio::try_join!(up_dir.run(shared), async {
+                    if self.pair.upstream_active {
+                        down_dir.run(shared).await
+                    } else {
+                        Box::pin(copy_rest(
+                            shared,
+                            &self.upstream,
+                            &self.watches.1,
+                            &self.client,
+                            Direction::Down,
+                        ))
+                        .await
+                    }
+                })
+            } => r.map(|_| End::Eof),
+            () = super::idle_watch_from(clock, activity) => Ok(End::Idle),
+        };
+        self.end(shared, res)
+    }
+
+    /// Takes the pair out of the sockhash and reports the session's end.
+    fn end(self, shared: &Shared, res: io::Result<End>) -> Outcome {
+        let (up, down) = match shared.sockmap() {
+            Some(sm) => {
+                let overlap = sm.overlap(&self.pair);
+                if overlap > 0 {
+                    shared.metrics.add(Counter::SockmapOverlapBytes, overlap);
+                }
+                let (up, down) = sm.finish(&self.pair);
+                (up.bytes, down.bytes)
+            }
+            None => (0, 0),
+        };
+        let end = match res {
+            Ok(end) => end,
+            Err(e) => {
+                let _ = sys::set_linger_zero(self.client.as_fd());
+                let _ = sys::set_linger_zero(self.upstream.as_fd());
+                End::Error(e)
+            }
+        };
+        Outcome {
+            path: DataPath::Sockmap,
+            up,
+            down,
+            end,
+            promoted: self.promoted,
+        }
+    }
 }
 
 /// Most the daemon reads from a client while emptying its receive queue before the splice; a
@@ -286,6 +427,8 @@ struct Dir<'a> {
     src: &'a StdTcpStream,
     src_cookie: u64,
     src_watch: &'a Watch,
+    /// The source's brake events.
+    brake: Option<&'a BrakeWatch>,
     dst: &'a StdTcpStream,
     /// Bytes the daemon read from `src` itself before the splice.
     consumed_src: u64,
@@ -301,7 +444,7 @@ impl Dir<'_> {
     /// Waits for the source's FIN (braking when the peer falls behind), waits for the
     /// redirected bytes to reach the destination's send queue, forwards the FIN.
     async fn run(&self, shared: &Shared) -> io::Result<()> {
-        let brake = self.sm.brake_watch(self.src_cookie);
+        let brake = self.brake;
         loop {
             let st = watch::state(self.src.as_fd())?;
             if st.error {

@@ -7,6 +7,9 @@
 //! `ep_poll_callback` drops wake-ups whose key has none of the requested bits, so data arrival
 //! costs nothing and a FIN or RST wakes exactly the session concerned. The epoll descriptor itself
 //! sits in tokio's reactor.
+//!
+//! An event wakes a [`Waiter`]: a task's [`Notify`], or a parked session (one with no task while
+//! nothing happens to it, see [`super::park`]), which then gets a task.
 
 use std::{
     collections::HashMap,
@@ -20,11 +23,32 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
+use super::park::Parking;
+
+/// What an event (end of stream, error, brake checkpoint) wakes.
+#[derive(Clone, Debug)]
+pub enum Waiter {
+    /// A task waiting on the notification.
+    Task(Arc<Notify>),
+    /// A parked session, by session id: waking it gives it a task.
+    Parked(Arc<Parking>, u64),
+}
+
+impl Waiter {
+    /// Delivers one event.
+    pub fn wake(&self) {
+        match self {
+            Self::Task(n) => n.notify_one(),
+            Self::Parked(parking, id) => parking.wake(*id),
+        }
+    }
+}
+
 /// The shared epoll set and the sessions waiting on it.
 #[derive(Debug)]
 pub struct Watcher {
     epoll: AsyncFd<OwnedFd>,
-    waiters: Mutex<HashMap<u64, Arc<Notify>>>,
+    waiters: Mutex<HashMap<u64, Waiter>>,
     next: AtomicU64,
 }
 
@@ -34,7 +58,8 @@ pub struct Watch {
     watcher: Arc<Watcher>,
     token: u64,
     fd: RawFd,
-    notify: Arc<Notify>,
+    /// Set while a task waits on the socket; None while its session is parked.
+    notify: Option<Arc<Notify>>,
 }
 
 /// What the socket's state says now.
@@ -121,8 +146,8 @@ impl Watcher {
             {
                 let waiters = self.waiters.lock().expect("watcher lock");
                 for ev in &events[..n] {
-                    if let Some(notify) = waiters.get(&{ ev.u64 }) {
-                        notify.notify_one();
+                    if let Some(waiter) = waiters.get(&{ ev.u64 }) {
+                        waiter.wake();
                     }
                 }
             }
@@ -133,14 +158,22 @@ impl Watcher {
         }
     }
 
-    /// Starts watching `fd` for end of stream and errors.
+    /// Starts watching `fd` for end of stream and errors, for a task.
     pub fn watch(self: &Arc<Self>, fd: BorrowedFd<'_>) -> io::Result<Watch> {
+        self.watch_for(fd, Waiter::Task(Arc::new(Notify::new())))
+    }
+
+    /// Starts watching `fd` for end of stream and errors; events wake `waiter`.
+    pub fn watch_for(self: &Arc<Self>, fd: BorrowedFd<'_>, waiter: Waiter) -> io::Result<Watch> {
         let token = self.next.fetch_add(1, Relaxed);
-        let notify = Arc::new(Notify::new());
+        let notify = match &waiter {
+            Waiter::Task(n) => Some(n.clone()),
+            Waiter::Parked(..) => None,
+        };
         self.waiters
             .lock()
             .expect("watcher lock")
-            .insert(token, notify.clone());
+            .insert(token, waiter);
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: token,
@@ -169,10 +202,30 @@ impl Watcher {
 }
 
 impl Watch {
+    /// Hands the socket's events to a task from now on (its session was parked). Leaves one
+    /// notification pending: an event that went to the parked session in the meantime must not
+    /// be lost, so the task re-checks the socket first.
+    pub fn activate(&mut self) {
+        let notify = self.notify.get_or_insert_with(|| {
+            let notify = Arc::new(Notify::new());
+            self.watcher
+                .waiters
+                .lock()
+                .expect("watcher lock")
+                .insert(self.token, Waiter::Task(notify.clone()));
+            notify
+        });
+        notify.notify_one();
+    }
+
     /// Waits until the socket may have changed state (FIN, reset, error). Spurious returns are
-    /// possible; callers re-check [`state`].
+    /// possible; callers re-check [`state`]. Never returns before [`Self::activate`] on a
+    /// watch made for a parked session.
     pub async fn changed(&self) {
-        self.notify.notified().await;
+        match &self.notify {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
