@@ -158,13 +158,50 @@ fn parse_workloads(s: &str, idle_sessions: usize) -> Result<Vec<Workload>> {
             })
             .collect();
         if hits.is_empty() {
+            if let Some(w) = sized_workload(t) {
+                chosen.push(w);
+                continue;
+            }
             let names: Vec<String> = all.iter().map(|w| w.name()).collect();
-            bail!("unknown workload {t:?}; known: {}", names.join(", "));
+            bail!(
+                "unknown workload {t:?}; known: {} (and bulk-up-N, bulk-down-N, fair-N for other \
+                 stream counts, N from 1 to {})",
+                names.join(", "),
+                workloads::FAIR_SESSIONS * 4
+            );
         }
         chosen.extend(hits);
     }
-    // Keep the canonical order, without duplicates.
-    Ok(all.into_iter().filter(|w| chosen.contains(w)).collect())
+    // The canonical order, without duplicates; other sizes after, in the order given.
+    let mut out: Vec<Workload> = all.iter().copied().filter(|w| chosen.contains(w)).collect();
+    for w in chosen {
+        if !out.contains(&w) {
+            out.push(w);
+        }
+    }
+    Ok(out)
+}
+
+/// `bulk-up-N`, `bulk-down-N` or `fair-N` with a stream count of its own (a crossover study
+/// between the standard sizes).
+fn sized_workload(t: &str) -> Option<Workload> {
+    let (kind, n) = t.rsplit_once('-')?;
+    let n: usize = n.parse().ok()?;
+    if n == 0 || n > workloads::FAIR_SESSIONS * 4 {
+        return None;
+    }
+    match kind {
+        "bulk-up" => Some(Workload::Bulk {
+            dir: workloads::Dir::Up,
+            streams: n,
+        }),
+        "bulk-down" => Some(Workload::Bulk {
+            dir: workloads::Dir::Down,
+            streams: n,
+        }),
+        "fair" => Some(Workload::Fair { sessions: n }),
+        _ => None,
+    }
 }
 
 /// CPUs' worth of busy time on the machine over 0.5 s with no benchmark traffic.
