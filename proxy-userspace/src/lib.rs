@@ -406,6 +406,7 @@ pub async fn run(
         tracing::info!(user = %run_as.user, uid = id.uid, gid = id.gid, "privileges dropped");
     }
     drop(config);
+    sys::release_free_memory();
     // Install the SIGHUP handler before anyone can learn the daemon is up (the address file):
     // SIGHUP's default action would kill it.
     let hup = match &opts.config_path {
