@@ -420,7 +420,39 @@ pub struct SessionHandle {
     logged: AtomicBool,
 }
 
+/// What a session's end line says about the session, as the registry holds it.
+#[derive(Debug)]
+pub struct Identity {
+    /// Client address.
+    pub client: SocketAddr,
+    /// When the session was accepted.
+    pub started: Instant,
+    /// The request's command, once read.
+    pub command: Option<acl::Command>,
+    /// The requested target, once read.
+    pub target: Option<String>,
+    /// The authenticated user.
+    pub user: Option<String>,
+}
+
 impl SessionHandle {
+    /// The session's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The session as its end line describes it (None cannot happen while the handle lives).
+    pub fn identity(&self) -> Option<Identity> {
+        let m = self.shared.registry.sessions.lock().expect("registry lock");
+        m.get(&self.id).map(|e| Identity {
+            client: e.client,
+            started: e.started,
+            command: e.command,
+            target: e.target.clone(),
+            user: e.user.clone(),
+        })
+    }
+
     /// Notes that the end-of-session line was logged.
     pub fn logged(&self) {
         self.logged.store(true, Relaxed);

@@ -272,9 +272,10 @@ pub async fn handle(
                 relay::Relayed::Carried(carry) => {
                     // The kernel carries the pair: this task ends, and the session waits as a
                     // parked record until something happens to it.
+                    // What the end line needs is in the registry; the tail keeps no copy.
+                    drop(end);
                     let tail = Tail {
                         session,
-                        ending: end,
                         _guards: guards,
                     };
                     shared.parking.park(shared, carry, tail);
@@ -291,25 +292,43 @@ pub async fn handle(
     }
 }
 
-/// What a parked session's end needs: its registry entry, its log line's fields, and the places
-/// it holds under the session limits and in the drain's count. Fields drop in order: the
-/// session leaves the registry before its places are freed.
+/// What a parked session's end needs: its registry entry (which holds its log line's fields),
+/// and the places it holds under the session limits and in the drain's count. Fields drop in
+/// order: the session leaves the registry before its places are freed.
 #[derive(Debug)]
 pub struct Tail {
     session: SessionHandle,
-    ending: Ending,
     _guards: Guards,
 }
 
 impl Tail {
     /// The session's id.
     pub fn id(&self) -> u64 {
-        self.ending.id
+        self.session.id()
     }
 
     /// Ends the session with what its relay did: one log line, the registry's totals.
     pub fn finish(self, outcome: relay::Outcome) {
-        self.ending.served(&self.session, Served::Relayed(outcome));
+        let id = self.session.id();
+        let ending = match self.session.identity() {
+            Some(i) => Ending {
+                id,
+                peer: i.client,
+                started: i.started,
+                command: i.command,
+                target: i.target,
+                user: i.user,
+            },
+            None => Ending {
+                id,
+                peer: unspecified(),
+                started: Instant::now(),
+                command: None,
+                target: None,
+                user: None,
+            },
+        };
+        ending.served(&self.session, Served::Relayed(outcome));
     }
 }
 
