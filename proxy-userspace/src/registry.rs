@@ -179,7 +179,9 @@ struct Ended {
 /// The live sessions, and what ended ones add up to.
 #[derive(Debug, Default)]
 pub struct Registry {
-    sessions: Mutex<HashMap<u64, Entry>>,
+    /// Boxed: a table of 200-byte entries would be as large as its capacity, up to twice the
+    /// sessions open; boxes cost one pointer per slot.
+    sessions: Mutex<HashMap<u64, Box<Entry>>>,
     ended: Mutex<Ended>,
 }
 
@@ -273,7 +275,7 @@ impl Registry {
         };
         let mut m = self.sessions.lock().expect("registry lock");
         shared.metrics.inc(Counter::SessionsNegotiating);
-        m.insert(id, entry);
+        m.insert(id, Box::new(entry));
         SessionHandle {
             shared: shared.clone(),
             id,
@@ -299,7 +301,7 @@ impl Registry {
             .lock()
             .expect("registry lock")
             .iter()
-            .map(|(id, e)| (*id, e.clone()))
+            .map(|(id, e)| (*id, Entry::clone(e)))
             .collect();
         entries.sort_unstable_by_key(|(id, _)| *id);
         let now = Instant::now();
@@ -314,7 +316,7 @@ impl Registry {
         let (mut users, mut rules, live) = {
             let live = self.sessions.lock().expect("registry lock");
             let ended = self.ended.lock().expect("registry lock");
-            let entries: Vec<Entry> = live.values().cloned().collect();
+            let entries: Vec<Entry> = live.values().map(|e| Entry::clone(e)).collect();
             (ended.users.clone(), ended.rules.clone(), entries)
         };
         let mut clients = std::collections::HashSet::new();
@@ -548,6 +550,7 @@ impl Drop for SessionHandle {
             let Some(e) = live.remove(&self.id) else {
                 return;
             };
+            let e = *e;
             if e.command.is_some() {
                 let (up, down) = current_bytes(&self.shared, &e);
                 let mut totals = registry.ended.lock().expect("registry lock");
