@@ -89,8 +89,20 @@ pub mod sockmap {
     /// `BrakeState::seq_known` of a socket whose stream can no longer be kept exact.
     pub const SEQ_BROKEN: u32 = 2;
 
-    /// Name of the ring buffer of `u64` socket cookies that reached their brake checkpoint.
+    /// Name of the ring buffer of [`BrakeEvent`]s: sockets that reached their brake checkpoint
+    /// (or whose stream the verdict could not keep exact).
     pub const BRAKE_EVENTS: &str = "EBSOCKS_BRAKE_EVENTS";
+
+    /// One entry of [`BRAKE_EVENTS`]. The session id lets the daemon wake a session that waits
+    /// with no task (one it keeps no per-socket subscription for).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct BrakeEvent {
+        /// Cookie of the socket.
+        pub cookie: u64,
+        /// The socket's session (0: not known).
+        pub session_id: u64,
+    }
 
     /// Size in bytes of [`BRAKE_EVENTS`].
     pub const BRAKE_EVENTS_BYTES: u32 = 256 * 1024;

@@ -14,7 +14,9 @@ use proxy_common::{
         DataPath, SessionTraffic, Traffic, TrafficSlot, BPF_F_MMAPABLE, COUNTERS_MAX,
         SESSIONS_MAX_ENTRIES, TRAFFIC_SLOTS_MAX,
     },
-    sockmap::{BrakeControl, BrakeState, BRAKE_EVENTS_BYTES, SEQ_BROKEN, SOCKHASH_MAX_ENTRIES},
+    sockmap::{
+        BrakeControl, BrakeEvent, BrakeState, BRAKE_EVENTS_BYTES, SEQ_BROKEN, SOCKHASH_MAX_ENTRIES,
+    },
 };
 
 // Map names must equal the constants in proxy_common (the attribute needs a literal).
@@ -170,6 +172,11 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the context pointer is the program's own __sk_buff.
     let own = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let session = SESSIONS.get_ptr_mut(&own);
+    let event = BrakeEvent {
+        cookie: own,
+        // SAFETY: a map value valid for this program run; the id is written once, at insert.
+        session_id: session.map_or(0, |s| unsafe { (*s).session_id }),
+    };
     // SAFETY: the daemon replaces BRAKES entries whole; this run reads one consistent value.
     let control = unsafe { BRAKES.get(&own) }.copied();
     let state = BRAKE_STATE.get_ptr_mut(&own);
@@ -180,7 +187,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             Some(n) => n,
             None => {
                 // Tell the daemon at once, whatever the checkpoint.
-                let _ = BRAKE_EVENTS.output::<u64>(&own, 0);
+                let _ = BRAKE_EVENTS.output::<BrakeEvent>(&event, 0);
                 return Err(SK_DROP);
             }
         },
@@ -221,7 +228,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             unsafe {
                 if total >= c.checkpoint && (*st).reported != c.checkpoint {
                     (*st).reported = c.checkpoint;
-                    let _ = BRAKE_EVENTS.output::<u64>(&own, 0);
+                    let _ = BRAKE_EVENTS.output::<BrakeEvent>(&event, 0);
                 }
             }
         }

@@ -28,7 +28,7 @@ use proxy_common::{
 
 use crate::{
     metrics::{Cells, Metrics},
-    relay::watch::Waiter,
+    relay::{park::Parking, watch::Waiter},
     sys,
 };
 
@@ -93,9 +93,12 @@ pub struct Sockmap {
     dispatcher: std::sync::OnceLock<Option<std::sync::Arc<BrakeDispatcher>>>,
 }
 
-/// Delivers brake events from the ring buffer to the sessions waiting for them.
+/// Delivers brake events from the ring buffer to the sessions waiting for them: a task by the
+/// socket's cookie, else a parked session by the event's session id (parked sessions have no
+/// entry here).
 struct BrakeDispatcher {
-    waiters: Mutex<std::collections::HashMap<u64, Waiter>>,
+    waiters: Mutex<std::collections::HashMap<u64, std::sync::Arc<tokio::sync::Notify>>>,
+    parking: std::sync::OnceLock<std::sync::Arc<Parking>>,
 }
 
 /// A socket's subscription to its brake events; unsubscribes on drop.
@@ -126,7 +129,7 @@ impl BrakeWatch {
                 .waiters
                 .lock()
                 .expect("brake waiters lock")
-                .insert(self.cookie, Waiter::Task(notify.clone()));
+                .insert(self.cookie, notify.clone());
             notify
         });
         notify.notify_one();
@@ -135,11 +138,14 @@ impl BrakeWatch {
 
 impl Drop for BrakeWatch {
     fn drop(&mut self) {
-        self.dispatcher
-            .waiters
-            .lock()
-            .expect("brake waiters lock")
-            .remove(&self.cookie);
+        // Only a task's subscription has an entry.
+        if self.notify.is_some() {
+            self.dispatcher
+                .waiters
+                .lock()
+                .expect("brake waiters lock")
+                .remove(&self.cookie);
+        }
     }
 }
 
@@ -159,6 +165,7 @@ fn start_dispatcher(ring: RingBuf<MapData>) -> io::Result<std::sync::Arc<BrakeDi
         .map_err(|e| e.into_parts().1)?;
     let d = std::sync::Arc::new(BrakeDispatcher {
         waiters: Mutex::new(std::collections::HashMap::new()),
+        parking: std::sync::OnceLock::new(),
     });
     let weak = std::sync::Arc::downgrade(&d);
     tokio::spawn(async move {
@@ -170,10 +177,20 @@ fn start_dispatcher(ring: RingBuf<MapData>) -> io::Result<std::sync::Arc<BrakeDi
             let mut any = false;
             while let Some(item) = ring.next() {
                 any = true;
-                if let Ok(bytes) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) {
-                    if let Some(w) = waiters.get(&u64::from_ne_bytes(bytes)) {
-                        w.wake();
-                    }
+                let field = |at: usize| {
+                    item.get(at..at + 8)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map(u64::from_ne_bytes)
+                };
+                // A `BrakeEvent`: cookie, then session id.
+                let (Some(cookie), session) = (field(0), field(8)) else {
+                    continue;
+                };
+                if let Some(n) = waiters.get(&cookie) {
+                    n.notify_one();
+                } else if let (Some(id), Some(p)) = (session.filter(|&id| id != 0), d.parking.get())
+                {
+                    p.wake(id);
                 }
             }
             Some(any)
@@ -591,14 +608,19 @@ impl Sockmap {
                 }
             })
             .clone()?;
-        let notify = match &waiter {
-            Waiter::Task(n) => Some(n.clone()),
-            Waiter::Parked(..) => None,
+        let notify = match waiter {
+            Waiter::Task(n) => {
+                d.waiters
+                    .lock()
+                    .expect("brake waiters lock")
+                    .insert(cookie, n.clone());
+                Some(n)
+            }
+            Waiter::Parked(parking, _) => {
+                d.parking.get_or_init(|| parking);
+                None
+            }
         };
-        d.waiters
-            .lock()
-            .expect("brake waiters lock")
-            .insert(cookie, waiter);
         Some(BrakeWatch {
             dispatcher: d,
             cookie,

@@ -9,7 +9,9 @@
 //! sits in tokio's reactor.
 //!
 //! An event wakes a [`Waiter`]: a task's [`Notify`], or a parked session (one with no task while
-//! nothing happens to it, see [`super::park`]), which then gets a task.
+//! nothing happens to it, see [`super::park`]), which then gets a task. A parked session's
+//! sockets carry its session id in their epoll data, tagged with [`PARKED`], so that the set
+//! keeps no per-socket entry for them.
 
 use std::{
     collections::HashMap,
@@ -17,7 +19,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
 };
 
@@ -34,21 +36,17 @@ pub enum Waiter {
     Parked(Arc<Parking>, u64),
 }
 
-impl Waiter {
-    /// Delivers one event.
-    pub fn wake(&self) {
-        match self {
-            Self::Task(n) => n.notify_one(),
-            Self::Parked(parking, id) => parking.wake(*id),
-        }
-    }
-}
+/// Tag of an epoll token that is a parked session's id rather than a task's registration.
+const PARKED: u64 = 1 << 63;
 
 /// The shared epoll set and the sessions waiting on it.
 #[derive(Debug)]
 pub struct Watcher {
     epoll: AsyncFd<OwnedFd>,
-    waiters: Mutex<HashMap<u64, Waiter>>,
+    /// Tasks waiting, by token.
+    waiters: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// Where parked sessions wait (set by the first parked registration).
+    parking: OnceLock<Arc<Parking>>,
     next: AtomicU64,
 }
 
@@ -106,6 +104,7 @@ impl Watcher {
         let w = Arc::new(Self {
             epoll,
             waiters: Mutex::new(HashMap::new()),
+            parking: OnceLock::new(),
             next: AtomicU64::new(1),
         });
         let weak = Arc::downgrade(&w);
@@ -146,8 +145,13 @@ impl Watcher {
             {
                 let waiters = self.waiters.lock().expect("watcher lock");
                 for ev in &events[..n] {
-                    if let Some(waiter) = waiters.get(&{ ev.u64 }) {
-                        waiter.wake();
+                    let token = ev.u64;
+                    if token & PARKED != 0 {
+                        if let Some(p) = self.parking.get() {
+                            p.wake(token & !PARKED);
+                        }
+                    } else if let Some(notify) = waiters.get(&token) {
+                        notify.notify_one();
                     }
                 }
             }
@@ -165,30 +169,21 @@ impl Watcher {
 
     /// Starts watching `fd` for end of stream and errors; events wake `waiter`.
     pub fn watch_for(self: &Arc<Self>, fd: BorrowedFd<'_>, waiter: Waiter) -> io::Result<Watch> {
-        let token = self.next.fetch_add(1, Relaxed);
-        let notify = match &waiter {
-            Waiter::Task(n) => Some(n.clone()),
-            Waiter::Parked(..) => None,
+        let (token, notify) = match waiter {
+            Waiter::Task(notify) => {
+                let token = self.next.fetch_add(1, Relaxed);
+                self.waiters
+                    .lock()
+                    .expect("watcher lock")
+                    .insert(token, notify.clone());
+                (token, Some(notify))
+            }
+            Waiter::Parked(parking, id) => {
+                self.parking.get_or_init(|| parking);
+                (PARKED | id, None)
+            }
         };
-        self.waiters
-            .lock()
-            .expect("watcher lock")
-            .insert(token, waiter);
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: token,
-        };
-        // SAFETY: valid epoll and socket descriptors, `ev` readable.
-        let r = unsafe {
-            libc::epoll_ctl(
-                self.epoll.get_ref().as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                fd.as_raw_fd(),
-                &raw mut ev,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token) {
             self.waiters.lock().expect("watcher lock").remove(&token);
             return Err(e);
         }
@@ -199,23 +194,49 @@ impl Watcher {
             notify,
         })
     }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token,
+        };
+        // SAFETY: valid epoll and socket descriptors, `ev` readable.
+        let r = unsafe { libc::epoll_ctl(self.epoll.get_ref().as_raw_fd(), op, fd, &raw mut ev) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Watch {
     /// Hands the socket's events to a task from now on (its session was parked). Leaves one
     /// notification pending: an event that went to the parked session in the meantime must not
     /// be lost, so the task re-checks the socket first.
-    pub fn activate(&mut self) {
-        let notify = self.notify.get_or_insert_with(|| {
+    pub fn activate(&mut self) -> io::Result<()> {
+        if self.notify.is_none() {
             let notify = Arc::new(Notify::new());
+            let token = self.watcher.next.fetch_add(1, Relaxed);
             self.watcher
                 .waiters
                 .lock()
                 .expect("watcher lock")
-                .insert(self.token, Waiter::Task(notify.clone()));
-            notify
-        });
-        notify.notify_one();
+                .insert(token, notify.clone());
+            if let Err(e) = self.watcher.ctl(libc::EPOLL_CTL_MOD, self.fd, token) {
+                self.watcher
+                    .waiters
+                    .lock()
+                    .expect("watcher lock")
+                    .remove(&token);
+                return Err(e);
+            }
+            self.token = token;
+            self.notify = Some(notify);
+        }
+        if let Some(n) = &self.notify {
+            n.notify_one();
+        }
+        Ok(())
     }
 
     /// Waits until the socket may have changed state (FIN, reset, error). Spurious returns are
@@ -241,10 +262,12 @@ impl Drop for Watch {
                 std::ptr::null_mut(),
             );
         }
-        self.watcher
-            .waiters
-            .lock()
-            .expect("watcher lock")
-            .remove(&self.token);
+        if self.token & PARKED == 0 {
+            self.watcher
+                .waiters
+                .lock()
+                .expect("watcher lock")
+                .remove(&self.token);
+        }
     }
 }
