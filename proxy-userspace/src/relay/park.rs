@@ -106,26 +106,8 @@ impl Parking {
     pub fn wake(&self, id: u64) {
         let rec = self.inner.lock().expect("parking lock").parked.remove(&id);
         if let Some(rec) = rec {
-            rec.shared.metrics.dec(Counter::SessionsParked);
-            let Parked {
-                shared,
-                carry,
-                tail,
-                clock,
-                ..
-            } = *rec;
-            tokio::spawn(resume(shared, carry, tail, clock, Wakeup::Event));
+            rec.unpark(Wakeup::Event);
         }
-    }
-
-    /// Sessions parked now.
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("parking lock").parked.len()
-    }
-
-    /// True when no session is parked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Drops every parked session (the daemon is stopping and the drain is over): each is
@@ -137,8 +119,8 @@ impl Parking {
         }
     }
 
-    /// Reads the counters of the sessions whose idle check is due; ends those idle for their
-    /// timeout. Returns when to look next.
+    /// Reads the counters of the sessions whose idle check is due, ends those idle for their
+    /// timeout, and notes when to look next.
     fn sweep_once(&self, sm: &Sockmap) {
         let now = Instant::now();
         let due: Vec<(u64, (u64, u64))> = {
@@ -173,16 +155,23 @@ impl Parking {
             inner.next_sweep = inner.parked.values().map(|r| r.check_at).min();
         }
         for rec in idle {
-            rec.shared.metrics.dec(Counter::SessionsParked);
-            let Parked {
-                shared,
-                carry,
-                tail,
-                clock,
-                ..
-            } = *rec;
-            tokio::spawn(resume(shared, carry, tail, clock, Wakeup::Idle));
+            rec.unpark(Wakeup::Idle);
         }
+    }
+}
+
+impl Parked {
+    /// Leaves the parking (and its gauge) for a task of its own.
+    fn unpark(self: Box<Self>, why: Wakeup) {
+        self.shared.metrics.dec(Counter::SessionsParked);
+        let Self {
+            shared,
+            carry,
+            tail,
+            clock,
+            ..
+        } = *self;
+        tokio::spawn(resume(shared, carry, tail, clock, why));
     }
 }
 
