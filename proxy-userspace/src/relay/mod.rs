@@ -280,7 +280,7 @@ async fn to_sockmap(
     session.relaying(DataPath::Sockmap, &client, &upstream, None, 0);
     // The pair's events go to the parked session (it has no task while nothing happens).
     let waiter = Waiter::Parked(shared.parking.clone(), session_id);
-    let handed = sockmap::relay(
+    let handed = sockmap::hand_over(
         shared, sm, session_id, client, upstream, consumed, idle, &waiter,
     )
     .await;

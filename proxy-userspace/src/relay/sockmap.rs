@@ -1,11 +1,14 @@
 //! The in-kernel path: both sockets go into the sockhashes and the verdict program redirects each
 //! side's received bytes to the other side's egress. The daemon never reads payload; it only
 //!
-//! - notices a FIN or reset through [`Watcher`] (no wake-up per data chunk),
+//! - notices a FIN or reset through [`Watcher`](super::watch::Watcher) (no wake-up per data chunk),
 //! - waits until every byte the kernel received before the FIN has been handed to the peer
 //!   socket (the kernel does not forward FIN across a redirect, and closing early would discard
 //!   the redirect backlog), then sends the FIN itself with `shutdown(SHUT_WR)`,
 //! - closes both sockets once both directions are done.
+//!
+//! [`hand_over`] puts the pair in the kernel and returns a [`Carry`]; until something happens to
+//! the pair the session waits parked ([`super::park`]), and [`Carry::run`] does the rest.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -98,7 +101,7 @@ pub struct Carry {
     clippy::too_many_arguments,
     reason = "one call site per caller, all named"
 )]
-pub async fn relay(
+pub async fn hand_over(
     shared: &Arc<Shared>,
     sm: &Sockmap,
     session_id: u64,
