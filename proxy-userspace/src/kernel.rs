@@ -28,7 +28,7 @@ use proxy_common::{
 
 use crate::{
     metrics::{Cells, Metrics},
-    relay::{park::Parking, watch::Waiter},
+    relay::park::Parking,
     sys,
 };
 
@@ -591,10 +591,15 @@ impl Sockmap {
         })
     }
 
-    /// Subscribes to the brake events of one socket; they wake `waiter`. The dispatcher task
-    /// starts on first use (inside the runtime). None if the ring buffer could not be watched:
-    /// the session then runs without a brake.
-    pub fn brake_watch(&self, cookie: u64, waiter: Waiter) -> Option<BrakeWatch> {
+    /// Subscribes to the brake events of one socket of a parked session: they wake the session
+    /// in `parking` (by the session id the event carries) until [`BrakeWatch::activate`] hands
+    /// them to a task. The dispatcher task starts on first use (inside the runtime). None if the
+    /// ring buffer could not be watched: the session then runs without a brake.
+    pub fn brake_watch(
+        &self,
+        cookie: u64,
+        parking: &std::sync::Arc<Parking>,
+    ) -> Option<BrakeWatch> {
         let d = self
             .dispatcher
             .get_or_init(|| {
@@ -608,23 +613,11 @@ impl Sockmap {
                 }
             })
             .clone()?;
-        let notify = match waiter {
-            Waiter::Task(n) => {
-                d.waiters
-                    .lock()
-                    .expect("brake waiters lock")
-                    .insert(cookie, n.clone());
-                Some(n)
-            }
-            Waiter::Parked(parking, _) => {
-                d.parking.get_or_init(|| parking);
-                None
-            }
-        };
+        d.parking.get_or_init(|| parking.clone());
         Some(BrakeWatch {
             dispatcher: d,
             cookie,
-            notify,
+            notify: None,
         })
     }
 

@@ -17,7 +17,6 @@ use std::{
 use proxy_common::metrics::{Counter, DataPath, Direction};
 use tokio::net::TcpStream;
 
-use self::watch::Waiter;
 use crate::{
     config::DataPathMode,
     registry::{ByteCounters, SessionHandle},
@@ -278,12 +277,7 @@ async fn to_sockmap(
     // The sockets keep their descriptors when they leave the reactor, so the registry can read
     // their TCP_INFO; the byte counts are the kernel's per-socket counters.
     session.relaying(DataPath::Sockmap, &client, &upstream, None, 0);
-    // The pair's events go to the parked session (it has no task while nothing happens).
-    let waiter = Waiter::Parked(shared.parking.clone(), session_id);
-    let handed = sockmap::hand_over(
-        shared, sm, session_id, client, upstream, consumed, idle, &waiter,
-    )
-    .await;
+    let handed = sockmap::hand_over(shared, sm, session_id, client, upstream, consumed, idle).await;
     match handed {
         sockmap::Handover::Carried(carry) => Ok(Relayed::Carried(carry)),
         sockmap::Handover::Failed(outcome) => Ok(Relayed::Done(outcome)),

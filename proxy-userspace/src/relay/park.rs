@@ -5,11 +5,9 @@
 //! (the session's stages and the relay's futures, a few kilobytes) for as long as the session
 //! lives, which for an idle session is all of it. A parked session is instead one record in a
 //! map, keyed by session id: the end-of-stream watcher and the brake ring buffer wake it by id
-//! ([`Waiter::Parked`]), which spawns a task that carries the session to its end
+//! ([`Parking::wake`]), which spawns a task that carries the session to its end
 //! ([`Carry::run`]); one sweeper task reads the parked sessions' kernel byte counters for their
 //! idle timeouts.
-//!
-//! [`Waiter::Parked`]: super::watch::Waiter::Parked
 
 use std::{
     collections::HashMap,

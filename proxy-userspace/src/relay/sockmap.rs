@@ -25,7 +25,7 @@ use proxy_common::{
 use tokio::net::TcpStream;
 
 use super::{
-    watch::{self, Waiter, Watch},
+    watch::{self, Watch},
     Consumed, End, IdleClock, Outcome,
 };
 use crate::{
@@ -92,15 +92,11 @@ pub struct Carry {
     pub promoted: bool,
 }
 
-/// Splices the pair in the kernel. Events on the pair (FIN, reset, brake checkpoint) wake
-/// `waiter`.
+/// Splices the pair in the kernel. Events on the pair (FIN, reset, brake checkpoint) wake the
+/// session in `shared.parking`, where it waits once the caller parks the [`Carry`].
 ///
 /// Must be called after the daemon has written everything it owes to either socket and has
 /// stopped reading from both; `consumed` says how much it read from the client.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site per caller, all named"
-)]
 pub async fn hand_over(
     shared: &Arc<Shared>,
     sm: &Sockmap,
@@ -109,7 +105,6 @@ pub async fn hand_over(
     mut upstream: TcpStream,
     consumed: Consumed,
     idle: Duration,
-    waiter: &Waiter,
 ) -> Handover {
     // The verdict reads whole skbs from the receive queue and ignores how much of a partially
     // read skb the daemon already consumed: a payload that arrived in the same segment as the
@@ -209,13 +204,13 @@ pub async fn hand_over(
         // Cannot happen for a registered TcpStream; end the session cleanly all the same.
         _ => return failed(io::Error::other("cannot leave the reactor")),
     };
-    let watches = shared
-        .watcher
-        .watch_for(client.as_fd(), waiter.clone())
+    let (watcher, parking) = (&shared.watcher, &shared.parking);
+    let watches = watcher
+        .watch_parked(client.as_fd(), parking, session_id)
         .and_then(|c| {
             Ok((
                 c,
-                shared.watcher.watch_for(upstream.as_fd(), waiter.clone())?,
+                watcher.watch_parked(upstream.as_fd(), parking, session_id)?,
             ))
         });
     let watches = match watches {
@@ -227,8 +222,8 @@ pub async fn hand_over(
         }
     };
     let brakes = (
-        sm.brake_watch(pair.client_cookie, waiter.clone()),
-        sm.brake_watch(pair.upstream_cookie, waiter.clone()),
+        sm.brake_watch(pair.client_cookie, parking),
+        sm.brake_watch(pair.upstream_cookie, parking),
     );
     Handover::Carried(Box::new(Carry {
         client,

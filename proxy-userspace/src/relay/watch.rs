@@ -8,10 +8,10 @@
 //! costs nothing and a FIN or RST wakes exactly the session concerned. The epoll descriptor itself
 //! sits in tokio's reactor.
 //!
-//! An event wakes a [`Waiter`]: a task's [`Notify`], or a parked session (one with no task while
-//! nothing happens to it, see [`super::park`]), which then gets a task. A parked session's
-//! sockets carry its session id in their epoll data, tagged with [`PARKED`], so that the set
-//! keeps no per-socket entry for them.
+//! A socket starts out watched for a parked session (one with no task while nothing happens to
+//! it, see [`super::park`]): its epoll data is the session id, tagged with [`PARKED`], so that
+//! the set keeps no per-socket entry, and an event gives the session a task. From then on
+//! ([`Watch::activate`]) events wake that task's [`Notify`].
 
 use std::{
     collections::HashMap,
@@ -26,15 +26,6 @@ use std::{
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
 use super::park::Parking;
-
-/// What an event (end of stream, error, brake checkpoint) wakes.
-#[derive(Clone, Debug)]
-pub enum Waiter {
-    /// A task waiting on the notification.
-    Task(Arc<Notify>),
-    /// A parked session, by session id: waking it gives it a task.
-    Parked(Arc<Parking>, u64),
-}
 
 /// Tag of an epoll token that is a parked session's id rather than a task's registration.
 const PARKED: u64 = 1 << 63;
@@ -162,36 +153,22 @@ impl Watcher {
         }
     }
 
-    /// Starts watching `fd` for end of stream and errors, for a task.
-    pub fn watch(self: &Arc<Self>, fd: BorrowedFd<'_>) -> io::Result<Watch> {
-        self.watch_for(fd, Waiter::Task(Arc::new(Notify::new())))
-    }
-
-    /// Starts watching `fd` for end of stream and errors; events wake `waiter`.
-    pub fn watch_for(self: &Arc<Self>, fd: BorrowedFd<'_>, waiter: Waiter) -> io::Result<Watch> {
-        let (token, notify) = match waiter {
-            Waiter::Task(notify) => {
-                let token = self.next.fetch_add(1, Relaxed);
-                self.waiters
-                    .lock()
-                    .expect("watcher lock")
-                    .insert(token, notify.clone());
-                (token, Some(notify))
-            }
-            Waiter::Parked(parking, id) => {
-                self.parking.get_or_init(|| parking);
-                (PARKED | id, None)
-            }
-        };
-        if let Err(e) = self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token) {
-            self.waiters.lock().expect("watcher lock").remove(&token);
-            return Err(e);
-        }
+    /// Starts watching `fd` for end of stream and errors on behalf of parked session `id`: its
+    /// events wake the session in `parking` until [`Watch::activate`] hands them to a task.
+    pub fn watch_parked(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        parking: &Arc<Parking>,
+        id: u64,
+    ) -> io::Result<Watch> {
+        self.parking.get_or_init(|| parking.clone());
+        let token = PARKED | id;
+        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token)?;
         Ok(Watch {
             watcher: self.clone(),
             token,
             fd: fd.as_raw_fd(),
-            notify,
+            notify: None,
         })
     }
 
