@@ -291,7 +291,7 @@ impl Collector for SnapshotCollector {
         family(
             &mut enc,
             "sessions_parked",
-            "Sessions the kernel carries that wait with no task until a FIN, a reset, a brake checkpoint or their idle timeout (part of sessions_active{state=\"sockmap\"}).",
+            "Sessions waiting with no task: carried by the kernel until a FIN, a reset, a brake checkpoint or their idle timeout (part of sessions_active{state=\"sockmap\"}), or, under auto, with no payload yet until their first byte or their promotion (part of sessions_active{state=\"splice\"}).",
             None,
             MetricType::Gauge,
             &[(

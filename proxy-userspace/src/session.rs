@@ -269,16 +269,16 @@ pub async fn handle(
             .await;
             match relayed {
                 relay::Relayed::Done(o) => Ok(Served::Relayed(o)),
-                relay::Relayed::Carried(carry) => {
-                    // The kernel carries the pair: this task ends, and the session waits as a
-                    // parked record until something happens to it.
+                relayed @ (relay::Relayed::Carried(_) | relay::Relayed::Quiet(_)) => {
+                    // The kernel carries the pair, or no payload came yet: this task ends, and
+                    // the session waits as a parked record until something happens to it.
                     // What the end line needs is in the registry; the tail keeps no copy.
                     drop(end);
                     let tail = Tail {
                         session,
                         _guards: guards,
                     };
-                    shared.parking.park(shared, carry, tail);
+                    shared.parking.park(shared, relayed, tail);
                     return;
                 }
             }
@@ -305,6 +305,11 @@ impl Tail {
     /// The session's id.
     pub fn id(&self) -> u64 {
         self.session.id()
+    }
+
+    /// The session's registry entry.
+    pub fn session(&self) -> &SessionHandle {
+        &self.session
     }
 
     /// Ends the session with what its relay did: one log line, the registry's totals.

@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod park;
+pub mod quiet;
 pub mod sockmap;
 pub mod splice;
 pub mod watch;
@@ -19,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     config::DataPathMode,
+    metrics::OwnedActiveGuard,
     registry::{ByteCounters, SessionHandle},
     Config, Shared,
 };
@@ -89,13 +91,18 @@ pub enum Relayed {
     Done(Outcome),
     /// The kernel carries the pair; the caller parks it ([`park`]) or runs it to its end.
     Carried(Box<sockmap::Carry>),
+    /// Under `auto`, no payload yet: the caller parks the session until its first byte
+    /// ([`quiet`]).
+    Quiet(Box<quiet::Quiet>),
 }
 
 /// Relays on the configured path, falling back per session, until both directions are closed
-/// or the kernel carries the pair.
+/// or the session can wait parked.
 ///
 /// `auto` starts on splice(2) and promotes the session to the sockhash once it looks
-/// interactive or idle (see [`splice::Promotion`]); `sockmap` goes to the sockhash at once.
+/// interactive or idle (see [`splice::Promotion`]); a session that has not moved payload
+/// [`quiet::QUIET_AFTER`] after its reply waits parked for its first byte instead. `sockmap`
+/// goes to the sockhash at once.
 pub async fn relay(
     shared: &Arc<Shared>,
     session: &SessionHandle,
@@ -141,38 +148,181 @@ pub async fn relay(
         Some(bytes.clone()),
         consumed.forwarded,
     );
-    let promotion =
-        (config.data_path == DataPathMode::Auto && sockmap).then(splice::Promotion::default);
-    let mut outcome = match path {
-        DataPath::Copy => Box::pin(copy::relay(shared, client, upstream, idle, &bytes)).await,
-        _ => {
-            // Bound first: a temporary in the `match` below would keep splice(2)'s box
-            // allocated for the whole life of a promoted session.
-            let spliced = Box::pin(splice::relay(
-                shared,
-                client,
-                upstream,
-                idle,
-                &bytes,
-                promotion.as_ref(),
-            ))
-            .await;
-            match spliced {
-                splice::Spliced::Done(outcome) => outcome,
-                splice::Spliced::Promoted { client, upstream } => {
-                    let pair = (client, upstream);
-                    let promoted =
-                        promote(shared, session, session_id, pair, consumed, &bytes, idle);
-                    match Box::pin(promoted).await {
-                        Ok(relayed) => return relayed,
-                        Err(outcome) => outcome,
-                    }
+    if path == DataPath::Copy {
+        let mut outcome = Box::pin(copy::relay(shared, client, upstream, idle, &bytes)).await;
+        outcome.up += consumed.forwarded;
+        return Relayed::Done(outcome);
+    }
+    let active = OwnedActiveGuard::new(shared.clone(), DataPath::Splice);
+    let auto = config.data_path == DataPathMode::Auto && sockmap;
+    let stage = SpliceStage {
+        consumed,
+        bytes,
+        active,
+        idle,
+        auto,
+    };
+    if auto && consumed.forwarded == 0 && consumed.forwarded_down == 0 {
+        let began = Instant::now();
+        let waited = Box::pin(quiet::first_payload(&client, &upstream)).await;
+        if !waited {
+            return quiet::Quiet::hold(shared, session_id, client, upstream, stage, began);
+        }
+    }
+    stage
+        .run(shared, session, session_id, client, upstream)
+        .await
+}
+
+/// What the splice(2) stage of a session carries with it, from its start to its end or its
+/// promotion (also while it waits parked, [`quiet`]).
+#[derive(Debug)]
+pub struct SpliceStage {
+    /// What the daemon moved before the stage began.
+    consumed: Consumed,
+    /// The stage's running totals (read by the session registry).
+    bytes: Arc<ByteCounters>,
+    /// The session's place under `sessions_active_splice`.
+    active: OwnedActiveGuard,
+    idle: Duration,
+    /// `auto`: the stage may promote the session to the sockhash.
+    auto: bool,
+}
+
+impl SpliceStage {
+    /// Relays on splice(2) to the end or, under `auto`, to the promotion.
+    async fn run(
+        self,
+        shared: &Arc<Shared>,
+        session: &SessionHandle,
+        session_id: u64,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> Relayed {
+        let Self {
+            consumed,
+            bytes,
+            active,
+            idle,
+            auto,
+        } = self;
+        let promotion = auto.then(splice::Promotion::default);
+        // Bound first: a temporary in the `match` below would keep splice(2)'s box allocated
+        // for the whole life of a promoted session.
+        let spliced = Box::pin(splice::relay(
+            shared,
+            client,
+            upstream,
+            idle,
+            &bytes,
+            promotion.as_ref(),
+        ))
+        .await;
+        let mut outcome = match spliced {
+            splice::Spliced::Done(outcome) => outcome,
+            splice::Spliced::Promoted { client, upstream } => {
+                let pair = (client, upstream);
+                let stage = Self {
+                    consumed,
+                    bytes,
+                    active,
+                    idle,
+                    auto,
+                };
+                match Box::pin(stage.promote(shared, session, session_id, pair)).await {
+                    Ok(relayed) => return relayed,
+                    Err(outcome) => outcome,
+                }
+            }
+        };
+        outcome.up += consumed.forwarded;
+        Relayed::Done(outcome)
+    }
+
+    /// Moves a session that splice(2) stopped for its promotion (or that waited parked without
+    /// payload) into the sockhash. `Ok`: the kernel carries it. `Err`: the kernel refused the
+    /// pair, which then finished on splice(2) (its `up` still lacks `consumed.forwarded`, like
+    /// any splice(2) outcome).
+    async fn promote(
+        self,
+        shared: &Arc<Shared>,
+        session: &SessionHandle,
+        session_id: u64,
+        (client, upstream): (TcpStream, TcpStream),
+    ) -> Result<Relayed, Outcome> {
+        let Self {
+            consumed,
+            bytes,
+            active,
+            idle,
+            ..
+        } = self;
+        let (up, down) = (bytes.up.load(Relaxed), bytes.down.load(Relaxed));
+        let moved = Consumed {
+            from_client: consumed.from_client + up,
+            from_upstream: consumed.from_upstream + down,
+            forwarded: consumed.forwarded + up,
+            forwarded_down: down,
+            counted_up: consumed.forwarded + up,
+            counted_down: down,
+        };
+        shared.metrics.inc(Counter::SessionsPromoted);
+        // Each outcome's future boxed on its own: this one's state is then only the larger
+        // box's pointer, not the splice(2) fallback's state beside the sockhash's.
+        let handed = Box::pin(to_sockmap(
+            shared, session, session_id, client, upstream, moved, idle,
+        ))
+        .await;
+        match handed {
+            Ok(Relayed::Carried(mut carry)) => {
+                carry.promoted = true;
+                Ok(Relayed::Carried(carry))
+            }
+            Ok(Relayed::Done(mut outcome)) => {
+                outcome.promoted = true;
+                Ok(Relayed::Done(outcome))
+            }
+            // Not from a handover, which carries or ends the session.
+            Ok(relayed @ Relayed::Quiet(_)) => Ok(relayed),
+            Err((client, upstream, left)) => {
+                // What the handover moved before the refusal belongs to splice(2)'s figures.
+                count_handover(
+                    shared,
+                    DataPath::Splice,
+                    &left,
+                    (moved.forwarded, moved.forwarded_down),
+                );
+                bytes
+                    .up
+                    .fetch_add(left.forwarded - moved.forwarded, Relaxed);
+                bytes
+                    .down
+                    .fetch_add(left.forwarded_down - moved.forwarded_down, Relaxed);
+                session.relaying(
+                    DataPath::Splice,
+                    &client,
+                    &upstream,
+                    Some(bytes.clone()),
+                    consumed.forwarded,
+                );
+                // Still the same splice(2) session: `active` has held its place throughout.
+                let spliced =
+                    Box::pin(splice::relay(shared, client, upstream, idle, &bytes, None)).await;
+                drop(active);
+                match spliced {
+                    splice::Spliced::Done(outcome) => Err(outcome),
+                    // Without a `Promotion` splice(2) runs to the end.
+                    splice::Spliced::Promoted { .. } => Err(Outcome {
+                        path: DataPath::Splice,
+                        up: bytes.up.load(Relaxed),
+                        down: bytes.down.load(Relaxed),
+                        end: End::Error(io::Error::other("promotion without a request")),
+                        promoted: false,
+                    }),
                 }
             }
         }
-    };
-    outcome.up += consumed.forwarded;
-    Relayed::Done(outcome)
+    }
 }
 
 /// Adds the payload the daemon moved itself at a handover to `path`'s traffic figures, less
@@ -184,79 +334,6 @@ fn count_handover(shared: &Shared, path: DataPath, consumed: &Consumed, counted:
     ] {
         if n > 0 {
             shared.metrics.add_traffic(path, dir, n);
-        }
-    }
-}
-
-/// Moves a session that splice(2) stopped for its promotion into the sockhash. `Ok`: the
-/// kernel carries it. `Err`: the kernel refused the pair, which then finished on splice(2) (its
-/// `up` still lacks `consumed.forwarded`, like any splice(2) outcome).
-async fn promote(
-    shared: &Arc<Shared>,
-    session: &SessionHandle,
-    session_id: u64,
-    (client, upstream): (TcpStream, TcpStream),
-    consumed: Consumed,
-    bytes: &Arc<ByteCounters>,
-    idle: Duration,
-) -> Result<Relayed, Outcome> {
-    let (up, down) = (bytes.up.load(Relaxed), bytes.down.load(Relaxed));
-    let moved = Consumed {
-        from_client: consumed.from_client + up,
-        from_upstream: consumed.from_upstream + down,
-        forwarded: consumed.forwarded + up,
-        forwarded_down: down,
-        counted_up: consumed.forwarded + up,
-        counted_down: down,
-    };
-    shared.metrics.inc(Counter::SessionsPromoted);
-    // Each outcome's future boxed on its own: this one's state is then only the larger box's
-    // pointer, not the splice(2) fallback's state beside the sockhash's.
-    let handed = Box::pin(to_sockmap(
-        shared, session, session_id, client, upstream, moved, idle,
-    ))
-    .await;
-    match handed {
-        Ok(Relayed::Carried(mut carry)) => {
-            carry.promoted = true;
-            Ok(Relayed::Carried(carry))
-        }
-        Ok(Relayed::Done(mut outcome)) => {
-            outcome.promoted = true;
-            Ok(Relayed::Done(outcome))
-        }
-        Err((client, upstream, left)) => {
-            // What the handover moved before the refusal belongs to splice(2)'s figures.
-            count_handover(
-                shared,
-                DataPath::Splice,
-                &left,
-                (moved.forwarded, moved.forwarded_down),
-            );
-            bytes
-                .up
-                .fetch_add(left.forwarded - moved.forwarded, Relaxed);
-            bytes
-                .down
-                .fetch_add(left.forwarded_down - moved.forwarded_down, Relaxed);
-            session.relaying(
-                DataPath::Splice,
-                &client,
-                &upstream,
-                Some(bytes.clone()),
-                consumed.forwarded,
-            );
-            match Box::pin(splice::relay(shared, client, upstream, idle, bytes, None)).await {
-                splice::Spliced::Done(outcome) => Err(outcome),
-                // Without a `Promotion` splice(2) runs to the end.
-                splice::Spliced::Promoted { .. } => Err(Outcome {
-                    path: DataPath::Splice,
-                    up: bytes.up.load(Relaxed),
-                    down: bytes.down.load(Relaxed),
-                    end: End::Error(io::Error::other("promotion without a request")),
-                    promoted: false,
-                }),
-            }
         }
     }
 }

@@ -8,6 +8,9 @@
 //! ([`Parking::wake`]), which spawns a task that carries the session to its end
 //! ([`Carry::run`]); one sweeper task reads the parked sessions' kernel byte counters for their
 //! idle timeouts.
+//!
+//! Under `auto`, sessions that have not moved payload yet wait here too ([`super::quiet`]),
+//! until their first input or their promotion.
 
 use std::{
     collections::HashMap,
@@ -18,7 +21,11 @@ use std::{
 use proxy_common::metrics::Counter;
 use tokio::sync::Notify;
 
-use super::{sockmap::Carry, IdleClock};
+use super::{
+    quiet::{Quiet, Woken},
+    sockmap::Carry,
+    IdleClock, Relayed,
+};
 use crate::{kernel::Sockmap, session::Tail, Shared};
 
 /// The parked sessions.
@@ -41,11 +48,31 @@ struct Inner {
 #[derive(Debug)]
 struct Parked {
     shared: Arc<Shared>,
-    carry: Carry,
+    held: Held,
     tail: Tail,
     clock: IdleClock,
     /// When the sweeper reads its counters next.
     check_at: Instant,
+}
+
+/// What a parked session is waiting in.
+#[derive(Debug)]
+enum Held {
+    /// The kernel carries the pair.
+    Carried(Carry),
+    /// No payload yet (`auto`).
+    Quiet(Quiet),
+}
+
+impl Held {
+    /// The sockets' cookies, for the idle check on the kernel's counters (None: a quiet
+    /// session, due at a fixed time).
+    fn cookies(&self) -> Option<(u64, u64)> {
+        match self {
+            Self::Carried(c) => Some(c.cookies()),
+            Self::Quiet(_) => None,
+        }
+    }
 }
 
 /// Why a parked session got its task back.
@@ -53,26 +80,41 @@ struct Parked {
 enum Wakeup {
     /// A watch fired (or may have): carry the session on.
     Event,
-    /// No payload for the idle timeout: end it.
-    Idle,
+    /// Its check came due: no payload for the idle timeout (carried), or none since the relay
+    /// began (quiet).
+    Due,
 }
 
 impl Parking {
-    /// Parks a session the kernel carries; `tail` ends it. A session that needs a task at once
-    /// (an event came before the record was there to be woken) gets one.
-    pub fn park(self: &Arc<Self>, shared: &Arc<Shared>, carry: Box<Carry>, tail: Tail) {
+    /// Parks a session the kernel carries ([`Relayed::Carried`]) or one with no payload yet
+    /// ([`Relayed::Quiet`]); `tail` ends it. A session that needs a task at once (an event came
+    /// before the record was there to be woken) gets one. A session that ended is ended.
+    pub fn park(self: &Arc<Self>, shared: &Arc<Shared>, relayed: Relayed, tail: Tail) {
         let id = tail.id();
-        let Some(sm) = shared.sockmap() else {
-            // Cannot happen (the pair came from the sockhash); carry it in a task all the same.
-            let clock = IdleClock::new(carry.idle, 0);
-            tokio::spawn(resume(shared.clone(), *carry, tail, clock, Wakeup::Event));
-            return;
+        let (held, clock, check_at) = match relayed {
+            Relayed::Done(outcome) => return tail.finish(outcome),
+            Relayed::Carried(carry) => {
+                let Some(sm) = shared.sockmap() else {
+                    // Cannot happen (the pair came from the sockhash); carry it in a task all
+                    // the same.
+                    let clock = IdleClock::new(carry.idle, 0);
+                    let held = Held::Carried(*carry);
+                    tokio::spawn(resume(shared.clone(), held, tail, clock, Wakeup::Event));
+                    return;
+                };
+                let clock = IdleClock::new(carry.idle, carry.activity(sm));
+                let check_at = Instant::now() + clock.tick();
+                (Held::Carried(*carry), clock, check_at)
+            }
+            Relayed::Quiet(quiet) => {
+                let check_at = quiet.due();
+                let clock = IdleClock::new(quiet.idle(), 0);
+                (Held::Quiet(*quiet), clock, check_at)
+            }
         };
-        let clock = IdleClock::new(carry.idle, carry.activity(sm));
-        let check_at = Instant::now() + clock.tick();
         let rec = Box::new(Parked {
             shared: shared.clone(),
-            carry: *carry,
+            held,
             tail,
             clock,
             check_at,
@@ -86,10 +128,10 @@ impl Parking {
                 self.sweep.notify_one();
             }
             // Whatever fired before the record was in the map woke nobody; look now that it is.
-            inner
-                .parked
-                .get(&id)
-                .is_some_and(|r| r.carry.needs_task(sm))
+            inner.parked.get(&id).is_some_and(|r| match &r.held {
+                Held::Carried(c) => shared.sockmap().is_none_or(|sm| c.needs_task(sm)),
+                Held::Quiet(q) => q.needs_task(),
+            })
         };
         self.sweeper.get_or_init(|| {
             tokio::spawn(sweeper(Arc::downgrade(self), Arc::downgrade(shared)));
@@ -117,44 +159,49 @@ impl Parking {
         }
     }
 
-    /// Reads the counters of the sessions whose idle check is due, ends those idle for their
-    /// timeout, and notes when to look next.
-    fn sweep_once(&self, sm: &Sockmap) {
+    /// Reads the counters of the sessions whose idle check is due, takes out those idle for
+    /// their timeout and the quiet ones that came due, and notes when to look next. The caller
+    /// gives the sessions taken out their tasks.
+    #[expect(
+        clippy::vec_box,
+        reason = "the records leave in the boxes they were parked in"
+    )]
+    fn sweep_once(&self, sm: &Sockmap) -> Vec<Box<Parked>> {
         let now = Instant::now();
-        let due: Vec<(u64, (u64, u64))> = {
+        let due: Vec<(u64, Option<(u64, u64)>)> = {
             let inner = self.inner.lock().expect("parking lock");
             inner
                 .parked
                 .iter()
                 .filter(|(_, r)| r.check_at <= now)
-                .map(|(&id, r)| (id, r.carry.cookies()))
+                .map(|(&id, r)| (id, r.held.cookies()))
                 .collect()
         };
         // The map lookups run without the lock: wake-ups and new sessions do not wait on them.
         let bytes = |cookie| sm.traffic(cookie).map_or(0, |t| t.bytes);
-        let readings: Vec<(u64, u64)> = due
+        let readings: Vec<(u64, Option<u64>)> = due
             .into_iter()
-            .map(|(id, (c, u))| (id, bytes(c) + bytes(u)))
+            .map(|(id, cookies)| (id, cookies.map(|(c, u)| bytes(c) + bytes(u))))
             .collect();
-        let mut idle = Vec::new();
-        {
-            let mut inner = self.inner.lock().expect("parking lock");
-            let now = Instant::now();
-            for (id, activity) in readings {
-                let Some(r) = inner.parked.get_mut(&id) else {
-                    continue;
-                };
-                if r.clock.expired(activity) {
-                    idle.extend(inner.parked.remove(&id));
-                } else {
-                    r.check_at = now + r.clock.tick();
-                }
+        let mut out = Vec::new();
+        let mut inner = self.inner.lock().expect("parking lock");
+        let now = Instant::now();
+        for (id, activity) in readings {
+            let Some(r) = inner.parked.get_mut(&id) else {
+                continue;
+            };
+            let expired = match activity {
+                Some(a) => r.clock.expired(a),
+                None => true,
+            };
+            if expired {
+                out.extend(inner.parked.remove(&id));
+            } else {
+                r.check_at = now + r.clock.tick();
             }
-            inner.next_sweep = inner.parked.values().map(|r| r.check_at).min();
         }
-        for rec in idle {
-            rec.unpark(Wakeup::Idle);
-        }
+        inner.next_sweep = inner.parked.values().map(|r| r.check_at).min();
+        out
     }
 }
 
@@ -164,23 +211,42 @@ impl Parked {
         self.shared.metrics.dec(Counter::SessionsParked);
         let Self {
             shared,
-            carry,
+            held,
             tail,
             clock,
             ..
         } = *self;
-        tokio::spawn(resume(shared, carry, tail, clock, why));
+        tokio::spawn(resume(shared, held, tail, clock, why));
     }
 }
 
-/// The task a woken session gets: it carries the pair to its end and ends the session.
-async fn resume(shared: Arc<Shared>, carry: Carry, tail: Tail, clock: IdleClock, why: Wakeup) {
-    let outcome = match why {
-        Wakeup::Event => carry.run(&shared, clock).await,
-        Wakeup::Idle => carry.end_idle(&shared),
-    };
-    tail.finish(outcome);
+/// The task a woken session gets: it carries the pair to its end and ends the session, or, for
+/// a quiet session, relays it until it ends or can wait parked again.
+async fn resume(shared: Arc<Shared>, held: Held, tail: Tail, clock: IdleClock, why: Wakeup) {
+    match held {
+        Held::Carried(carry) => {
+            let outcome = match why {
+                Wakeup::Event => carry.run(&shared, clock).await,
+                Wakeup::Due => carry.end_idle(&shared),
+            };
+            tail.finish(outcome);
+        }
+        Held::Quiet(quiet) => {
+            let woken = match why {
+                Wakeup::Event => Woken::Input,
+                Wakeup::Due => Woken::Due,
+            };
+            // Boxed: the splice(2) stage's state is freed when it ends, before a promoted
+            // session parks again.
+            let relayed = Box::pin(quiet.resume(&shared, tail.session(), woken)).await;
+            shared.parking.park(&shared, relayed, tail);
+        }
+    }
 }
+
+/// Sessions given their tasks back in one go before the sweeper lets them run: a burst of quiet
+/// sessions coming due at once is promoted a few at a time rather than all spawned first.
+const UNPARK_BATCH: usize = 32;
 
 /// Checks the parked sessions' idle timeouts, each when it is due, until the daemon is gone.
 async fn sweeper(parking: Weak<Parking>, shared: Weak<Shared>) {
@@ -204,6 +270,13 @@ async fn sweeper(parking: Weak<Parking>, shared: Weak<Shared>) {
             return;
         };
         let Some(sm) = shared.sockmap() else { return };
-        p.sweep_once(sm);
+        let due = p.sweep_once(sm);
+        drop((p, shared));
+        for (i, rec) in due.into_iter().enumerate() {
+            if i > 0 && i % UNPARK_BATCH == 0 {
+                tokio::task::yield_now().await;
+            }
+            rec.unpark(Wakeup::Due);
+        }
     }
 }

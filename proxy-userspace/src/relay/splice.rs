@@ -162,7 +162,8 @@ enum Flow {
 /// Relays both directions with splice(2) until both reach end of file, or, with `promotion`,
 /// until the session is promoted.
 ///
-/// `bytes` receives the running totals (read by the session registry).
+/// `bytes` receives the running totals (read by the session registry). The caller holds the
+/// session's place under `sessions_active_splice`.
 pub async fn relay(
     shared: &Shared,
     client: TcpStream,
@@ -171,7 +172,6 @@ pub async fn relay(
     bytes: &ByteCounters,
     promotion: Option<&Promotion>,
 ) -> Spliced {
-    let _active = shared.metrics.relaying(DataPath::Splice);
     let (up, down) = (&bytes.up, &bytes.down);
     let activity = || up.load(Relaxed) + down.load(Relaxed);
     let pool = &shared.pipes;

@@ -29,6 +29,9 @@ use super::park::Parking;
 
 /// Tag of an epoll token that is a parked session's id rather than a task's registration.
 const PARKED: u64 = 1 << 63;
+/// What a spliced socket is watched for: its peer's FIN or a reset (errors and hang-ups are
+/// always reported), edge-triggered.
+const END_OF_STREAM: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// The shared epoll set and the sessions waiting on it.
 #[derive(Debug)]
@@ -76,6 +79,19 @@ pub fn state(fd: BorrowedFd<'_>) -> io::Result<SockState> {
         read_closed: p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0,
         error: p.revents & libc::POLLERR != 0,
     })
+}
+
+/// True when the socket has input waiting (payload, end of stream) or an error, or cannot be
+/// polled: what wakes a session parked before its first payload.
+pub fn has_input(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&raw mut p, 1, 0) };
+    r != 0
 }
 
 impl Watcher {
@@ -161,9 +177,31 @@ impl Watcher {
         parking: &Arc<Parking>,
         id: u64,
     ) -> io::Result<Watch> {
+        self.register_parked(fd, parking, id, END_OF_STREAM)
+    }
+
+    /// Starts watching `fd` for its first input (payload, end of stream, an error) on behalf of
+    /// parked session `id`, which has not moved payload yet ([`super::quiet`]). The watch wakes
+    /// the session and is dropped then; it is never activated.
+    pub fn watch_parked_input(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        parking: &Arc<Parking>,
+        id: u64,
+    ) -> io::Result<Watch> {
+        self.register_parked(fd, parking, id, END_OF_STREAM | libc::EPOLLIN as u32)
+    }
+
+    fn register_parked(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        parking: &Arc<Parking>,
+        id: u64,
+        events: u32,
+    ) -> io::Result<Watch> {
         self.parking.get_or_init(|| parking.clone());
         let token = PARKED | id;
-        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token)?;
+        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token, events)?;
         Ok(Watch {
             watcher: self.clone(),
             token,
@@ -172,11 +210,8 @@ impl Watcher {
         })
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: token,
-        };
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: valid epoll and socket descriptors, `ev` readable.
         let r = unsafe { libc::epoll_ctl(self.epoll.get_ref().as_raw_fd(), op, fd, &raw mut ev) };
         if r < 0 {
@@ -199,7 +234,10 @@ impl Watch {
                 .lock()
                 .expect("watcher lock")
                 .insert(token, notify.clone());
-            if let Err(e) = self.watcher.ctl(libc::EPOLL_CTL_MOD, self.fd, token) {
+            if let Err(e) = self
+                .watcher
+                .ctl(libc::EPOLL_CTL_MOD, self.fd, token, END_OF_STREAM)
+            {
                 self.watcher
                     .waiters
                     .lock()
