@@ -13,9 +13,9 @@
 //! until their first input or their promotion.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex, OnceLock, Weak},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use proxy_common::metrics::Counter;
@@ -40,8 +40,17 @@ pub struct Parking {
 #[derive(Debug, Default)]
 struct Inner {
     parked: HashMap<u64, Box<Parked>>,
-    /// When the sweeper looks next (None: nothing parked).
-    next_sweep: Option<Instant>,
+    /// Every parked session's next check, earliest first: a sweep looks at the due ones only.
+    schedule: BTreeSet<(Instant, u64)>,
+}
+
+impl Inner {
+    /// Takes a session out of the map and its check out of the schedule.
+    fn remove(&mut self, id: u64) -> Option<Box<Parked>> {
+        let rec = self.parked.remove(&id)?;
+        self.schedule.remove(&(rec.check_at, id));
+        Some(rec)
+    }
 }
 
 /// One parked session: the pair, its idle clock, and what its end needs.
@@ -123,10 +132,10 @@ impl Parking {
             let mut inner = self.inner.lock().expect("parking lock");
             inner.parked.insert(id, rec);
             shared.metrics.inc(Counter::SessionsParked);
-            if inner.next_sweep.is_none_or(|t| check_at < t) {
-                inner.next_sweep = Some(check_at);
+            if inner.schedule.first().is_none_or(|&(t, _)| check_at < t) {
                 self.sweep.notify_one();
             }
+            inner.schedule.insert((check_at, id));
             // Whatever fired before the record was in the map woke nobody; look now that it is.
             inner.parked.get(&id).is_some_and(|r| match &r.held {
                 Held::Carried(c) => shared.sockmap().is_none_or(|sm| c.needs_task(sm)),
@@ -144,7 +153,7 @@ impl Parking {
     /// Gives a parked session a task, because one of its watches fired. Nothing happens if the
     /// session is not parked (it was woken already).
     pub fn wake(&self, id: u64) {
-        let rec = self.inner.lock().expect("parking lock").parked.remove(&id);
+        let rec = self.inner.lock().expect("parking lock").remove(id);
         if let Some(rec) = rec {
             rec.unpark(Wakeup::Event);
         }
@@ -153,7 +162,11 @@ impl Parking {
     /// Drops every parked session (the daemon is stopping and the drain is over): each is
     /// logged as closed at shutdown and its sockets close.
     pub fn close(&self) {
-        let parked = std::mem::take(&mut self.inner.lock().expect("parking lock").parked);
+        let parked = {
+            let mut inner = self.inner.lock().expect("parking lock");
+            inner.schedule.clear();
+            std::mem::take(&mut inner.parked)
+        };
         for rec in parked.into_values() {
             rec.shared.metrics.dec(Counter::SessionsParked);
         }
@@ -168,26 +181,41 @@ impl Parking {
     )]
     fn sweep_once(&self, sm: &Sockmap) -> Vec<Box<Parked>> {
         let now = Instant::now();
-        let due: Vec<(u64, Option<(u64, u64)>)> = {
+        let mut due: Vec<Due> = {
             let inner = self.inner.lock().expect("parking lock");
             inner
-                .parked
+                .schedule
                 .iter()
-                .filter(|(_, r)| r.check_at <= now)
-                .map(|(&id, r)| (id, r.held.cookies()))
+                .take_while(|&&(t, _)| t <= now)
+                .filter_map(|&(at, id)| {
+                    let cookies = inner.parked.get(&id)?.held.cookies();
+                    Some(Due {
+                        at,
+                        id,
+                        cookies,
+                        activity: None,
+                    })
+                })
                 .collect()
         };
         // The map lookups run without the lock: wake-ups and new sessions do not wait on them.
         let bytes = |cookie| sm.traffic(cookie).map_or(0, |t| t.bytes);
-        let readings: Vec<(u64, Option<u64>)> = due
-            .into_iter()
-            .map(|(id, cookies)| (id, cookies.map(|(c, u)| bytes(c) + bytes(u))))
-            .collect();
+        for d in &mut due {
+            d.activity = d.cookies.map(|(c, u)| bytes(c) + bytes(u));
+        }
         let mut out = Vec::new();
         let mut inner = self.inner.lock().expect("parking lock");
         let now = Instant::now();
-        for (id, activity) in readings {
-            let Some(r) = inner.parked.get_mut(&id) else {
+        for Due {
+            at: t,
+            id,
+            activity,
+            ..
+        } in due
+        {
+            // Only the record that was due: the session may have been woken, and even parked
+            // again under the same id, in the meantime.
+            let Some(r) = inner.parked.get_mut(&id).filter(|r| r.check_at == t) else {
                 continue;
             };
             let expired = match activity {
@@ -195,14 +223,26 @@ impl Parking {
                 None => true,
             };
             if expired {
-                out.extend(inner.parked.remove(&id));
+                out.extend(inner.remove(id));
             } else {
                 r.check_at = now + r.clock.tick();
+                let next = r.check_at;
+                inner.schedule.remove(&(t, id));
+                inner.schedule.insert((next, id));
             }
         }
-        inner.next_sweep = inner.parked.values().map(|r| r.check_at).min();
         out
     }
+}
+
+/// A parked session whose check came due, and what its kernel counters read.
+struct Due {
+    at: Instant,
+    id: u64,
+    /// The sockets' cookies (None: a quiet session).
+    cookies: Option<(u64, u64)>,
+    /// Both sockets' byte counts, read without the lock.
+    activity: Option<u64>,
 }
 
 impl Parked {
@@ -248,11 +288,23 @@ async fn resume(shared: Arc<Shared>, held: Held, tail: Tail, clock: IdleClock, w
 /// sessions coming due at once is promoted a few at a time rather than all spawned first.
 const UNPARK_BATCH: usize = 32;
 
+/// Least time between two sweeps: checks that come due within it are made together, so that
+/// sessions parked one after another (a burst) cost a sweep per gap, not one each.
+const SWEEP_GAP: Duration = Duration::from_millis(20);
+
 /// Checks the parked sessions' idle timeouts, each when it is due, until the daemon is gone.
 async fn sweeper(parking: Weak<Parking>, shared: Weak<Shared>) {
+    let mut earliest = Instant::now();
     loop {
         let Some(p) = parking.upgrade() else { return };
-        let next = p.inner.lock().expect("parking lock").next_sweep;
+        let first = p
+            .inner
+            .lock()
+            .expect("parking lock")
+            .schedule
+            .first()
+            .map(|&(t, _)| t);
+        let next = first.map(|t| t.max(earliest));
         match next {
             None => {
                 p.sweep.notified().await;
@@ -271,6 +323,7 @@ async fn sweeper(parking: Weak<Parking>, shared: Weak<Shared>) {
         };
         let Some(sm) = shared.sockmap() else { return };
         let due = p.sweep_once(sm);
+        earliest = Instant::now() + SWEEP_GAP;
         drop((p, shared));
         for (i, rec) in due.into_iter().enumerate() {
             if i > 0 && i % UNPARK_BATCH == 0 {
