@@ -244,6 +244,25 @@ pub async fn connect(proxy: SocketAddr, target: impl Into<Target>) -> TcpStream 
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Opens `n` CONNECT sessions through `proxy` to one fresh loopback listener, one after
+/// another; returns (client, target) pairs.
+pub async fn open_pairs(proxy: SocketAddr, n: usize) -> Vec<(TcpStream, TcpStream)> {
+    let l = crate::listen("127.0.0.1:0").await;
+    let addr = l.local_addr().expect("listener address");
+    let mut pairs = Vec::new();
+    for _ in 0..n {
+        let client = connect(proxy, addr).await;
+        let target = crate::within(
+            std::time::Duration::from_secs(30),
+            "target accept",
+            crate::accept_one(&l),
+        )
+        .await;
+        pairs.push((client, target));
+    }
+    pairs
+}
+
 // ---------------------------------------------------------------------------
 // Method negotiation and RFC 1929 username/password authentication.
 //

@@ -15,19 +15,6 @@ use tokio::net::TcpStream;
 const LIMIT: Duration = Duration::from_secs(30);
 const SESSIONS: usize = 24;
 
-/// Opens `n` sessions to one listener; returns (client, target) pairs.
-async fn open(daemon: &Daemon, n: usize) -> Vec<(TcpStream, TcpStream)> {
-    let l = listen("127.0.0.1:0").await;
-    let addr = l.local_addr().unwrap();
-    let mut pairs = Vec::new();
-    for _ in 0..n {
-        let client = socks::connect(daemon.addr(), addr).await;
-        let target = within(LIMIT, "target accept", accept_one(&l)).await;
-        pairs.push((client, target));
-    }
-    pairs
-}
-
 /// Moves `len` bytes each way on every pair, checking every byte.
 async fn exchange_all(pairs: &mut [(TcpStream, TcpStream)], seed: u64, len: u64) {
     for (i, (client, target)) in pairs.iter_mut().enumerate() {
@@ -52,7 +39,7 @@ async fn spliced_sessions_wait_parked_and_wake_for_their_own_end() {
         extra_toml: "[timeouts]\ndrain = \"1s\"\n".into(),
         ..DaemonOpts::path(DataPath::Sockmap)
     });
-    let mut pairs = open(&daemon, SESSIONS).await;
+    let mut pairs = socks::open_pairs(daemon.addr(), SESSIONS).await;
     wait_gauge(&daemon, "sessions_parked", SESSIONS as u64).await;
     wait_gauge(&daemon, "sessions_active_sockmap", SESSIONS as u64).await;
 

@@ -7,10 +7,9 @@
 use std::time::Duration;
 
 use proxy_integration::{
-    accept_one,
     checks::{close_pair, wait_gauge, wait_log, wait_sessions_drained},
-    exchange, listen, poll_until, recv_exact, require_privileged, send_and_recv, send_pattern,
-    socks, wait_closed, within, Daemon, DaemonOpts, DataPath, Plan, Stats,
+    exchange, poll_until, recv_exact, require_privileged, send_and_recv, send_pattern, socks,
+    wait_closed, within, Daemon, DaemonOpts, DataPath, Plan, Stats,
 };
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
@@ -18,19 +17,6 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// How long the checks made before the promotion (a second after each session's reply) may
 /// take: they must see the quiet sessions still on splice(2).
 const BEFORE_PROMOTION: Duration = Duration::from_millis(900);
-
-/// Opens `n` sessions to one listener; returns (client, target) pairs.
-async fn open(daemon: &Daemon, n: usize) -> Vec<(TcpStream, TcpStream)> {
-    let l = listen("127.0.0.1:0").await;
-    let addr = l.local_addr().unwrap();
-    let mut pairs = Vec::new();
-    for _ in 0..n {
-        let client = socks::connect(daemon.addr(), addr).await;
-        let target = within(LIMIT, "target accept", accept_one(&l)).await;
-        pairs.push((client, target));
-    }
-    pairs
-}
 
 /// `len` bytes of `seed` from one end of a session to the other.
 async fn one_way(
@@ -69,7 +55,7 @@ async fn quiet_sessions_wait_parked_until_their_first_byte() {
     const LEN: u64 = 200_000;
     const LATER: u64 = (1 << 20) + 123;
     let daemon = Daemon::start(DaemonOpts::path(DataPath::Auto));
-    let mut pairs = open(&daemon, SESSIONS).await;
+    let mut pairs = socks::open_pairs(daemon.addr(), SESSIONS).await;
     wait_quiet(&daemon, SESSIONS as u64, SESSIONS as u64).await;
 
     // The client talks first on sessions 0-3, the target on 4-7: each wakes its session, which
@@ -194,7 +180,7 @@ async fn quiet_sessions_end_at_their_idle_timeout_and_at_shutdown() {
         extra_toml: "[timeouts]\nidle = \"700ms\"\n".into(),
         ..DaemonOpts::path(DataPath::Auto)
     });
-    let pairs = open(&daemon, 3).await;
+    let pairs = socks::open_pairs(daemon.addr(), 3).await;
     wait_gauge(&daemon, "sessions_parked", 3).await;
     for (i, (mut client, mut target)) in pairs.into_iter().enumerate() {
         wait_closed(
@@ -221,7 +207,7 @@ async fn quiet_sessions_end_at_their_idle_timeout_and_at_shutdown() {
         extra_toml: "[timeouts]\ndrain = \"100ms\"\n".into(),
         ..DaemonOpts::path(DataPath::Auto)
     });
-    let pairs = open(&daemon, 3).await;
+    let pairs = socks::open_pairs(daemon.addr(), 3).await;
     wait_quiet(&daemon, 3, 3).await;
     daemon.signal(libc::SIGTERM);
     let status = daemon

@@ -73,6 +73,17 @@ pub enum Woken {
     Due,
 }
 
+/// How a quiet session that never moved payload ended.
+fn ended(stage: &SpliceStage, end: End) -> Relayed {
+    Relayed::Done(Outcome {
+        path: DataPath::Splice,
+        up: stage.consumed.forwarded,
+        down: 0,
+        end,
+        promoted: false,
+    })
+}
+
 impl Quiet {
     /// Takes the pair out of the reactor and watches it for its first input; the caller parks
     /// the session. `since`: when its relay began.
@@ -88,13 +99,10 @@ impl Quiet {
             (Ok(c), Ok(u)) => (c, u),
             // Cannot happen for a registered TcpStream; end the session cleanly all the same.
             _ => {
-                return Relayed::Done(Outcome {
-                    path: DataPath::Splice,
-                    up: stage.consumed.forwarded,
-                    down: 0,
-                    end: End::Error(io::Error::other("cannot leave the reactor")),
-                    promoted: false,
-                })
+                return ended(
+                    &stage,
+                    End::Error(io::Error::other("cannot leave the reactor")),
+                )
             }
         };
         let (watcher, parking) = (&shared.watcher, &shared.parking);
@@ -160,26 +168,12 @@ impl Quiet {
         // Out of the epoll set before the reactor takes the sockets.
         drop(watches);
         if why == Woken::Due && since.elapsed() >= stage.idle {
-            return Relayed::Done(Outcome {
-                path: DataPath::Splice,
-                up: stage.consumed.forwarded,
-                down: 0,
-                end: End::Idle,
-                promoted: false,
-            });
+            return ended(&stage, End::Idle);
         }
         let (client, upstream) = match (TcpStream::from_std(client), TcpStream::from_std(upstream))
         {
             (Ok(c), Ok(u)) => (c, u),
-            (Err(e), _) | (_, Err(e)) => {
-                return Relayed::Done(Outcome {
-                    path: DataPath::Splice,
-                    up: stage.consumed.forwarded,
-                    down: 0,
-                    end: End::Error(e),
-                    promoted: false,
-                })
-            }
+            (Err(e), _) | (_, Err(e)) => return ended(&stage, End::Error(e)),
         };
         match why {
             Woken::Input => {
