@@ -47,6 +47,25 @@ pub mod sockmap {
     /// creates the zeroed entries).
     pub const BRAKE_STATE: &str = "EBSOCKS_BRAKE_STATE";
 
+    /// Name of the array of kernel structure offsets the verdict needs, written by the daemon
+    /// at start-up from the kernel's BTF; see [`LayoutSlot`]. An offset of 0 means unknown.
+    pub const LAYOUT: &str = "EBSOCKS_LAYOUT";
+
+    /// The entries of [`LAYOUT`].
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum LayoutSlot {
+        /// Byte offset of `sk` in `struct sk_buff`.
+        SkbSk = 0,
+        /// Byte offset of `copied_seq` in `struct tcp_sock`: the sequence number up to which
+        /// the socket's receive queue has been consumed. At the first skb after a socket enters
+        /// the sockhash it is where the daemon stopped reading, so the verdict cuts below it.
+        TcpCopiedSeq = 1,
+    }
+
+    /// Entries in [`LAYOUT`].
+    pub const LAYOUT_SLOTS: u32 = 2;
+
     /// The daemon's half of a socket's brake; see [`BRAKES`].
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,7 +88,10 @@ pub mod sockmap {
     /// delivered data: `seq < rcv_nxt < end_seq`) without trimming it, leaving that to readers
     /// that track `copied_seq`, which the verdict path does not. Forwarded whole, its repeated
     /// head would reach the peer twice. So the verdict reads each skb's sequence range from
-    /// TCP's control block and cuts off what lies before `next_seq`.
+    /// TCP's control block and cuts off what lies before `next_seq`. The first skb after the
+    /// socket entered the sockhash starts `next_seq` at the socket's `copied_seq` (where the
+    /// daemon stopped reading; see [`LAYOUT`]) when that lies within the skb, else at the skb's
+    /// start.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct BrakeState {

@@ -15,7 +15,8 @@ use proxy_common::{
         SESSIONS_MAX_ENTRIES, TRAFFIC_SLOTS_MAX,
     },
     sockmap::{
-        BrakeControl, BrakeEvent, BrakeState, BRAKE_EVENTS_BYTES, SEQ_BROKEN, SOCKHASH_MAX_ENTRIES,
+        BrakeControl, BrakeEvent, BrakeState, LayoutSlot, BRAKE_EVENTS_BYTES, LAYOUT_SLOTS,
+        SEQ_BROKEN, SOCKHASH_MAX_ENTRIES,
     },
 };
 
@@ -37,6 +38,10 @@ static BRAKES: HashMap<u64, BrakeControl> = HashMap::with_max_entries(SESSIONS_M
 /// `cookie -> this program's brake state`; see `proxy_common::sockmap::BRAKE_STATE`.
 #[map(name = "EBSOCKS_BRAKE_STATE")]
 static BRAKE_STATE: HashMap<u64, BrakeState> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
+
+/// Kernel structure offsets, by `LayoutSlot`; see `proxy_common::sockmap::LAYOUT`.
+#[map(name = "EBSOCKS_LAYOUT")]
+static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_SLOTS, 0);
 
 /// Cookies of sockets that reached their checkpoint, for the daemon.
 #[map(name = "EBSOCKS_BRAKE_EVENTS")]
@@ -94,6 +99,31 @@ fn tcp_range(ctx: &SkBuffContext, len: u32) -> Option<(u32, u32)> {
     (span == len || span == len.wrapping_add(1)).then_some((seq, end))
 }
 
+/// The receiving socket's `copied_seq` (see `LayoutSlot::TcpCopiedSeq`), if its offsets are
+/// known.
+#[inline(always)]
+fn copied_seq(ctx: &SkBuffContext) -> Option<u32> {
+    let offset = |slot: LayoutSlot| LAYOUT.get(slot as u32).copied().filter(|&o| o != 0);
+    let (sk_off, seq_off) = (
+        offset(LayoutSlot::SkbSk)?,
+        offset(LayoutSlot::TcpCopiedSeq)?,
+    );
+    let at = ctx
+        .skb
+        .skb
+        .cast::<u8>()
+        .wrapping_add(sk_off as usize)
+        .cast::<u64>();
+    // SAFETY: the context pointer is the kernel's sk_buff; the helper reads it safely.
+    let sk = unsafe { bpf_probe_read_kernel(at) }.ok()?;
+    if sk == 0 {
+        return None;
+    }
+    let at = (sk as usize).wrapping_add(seq_off as usize) as *const u32;
+    // SAFETY: as above, a checked read of kernel memory.
+    unsafe { bpf_probe_read_kernel(at) }.ok()
+}
+
 /// Cuts `n` bytes off the skb's head.
 #[inline(always)]
 fn trim(ctx: &SkBuffContext, mut n: u32) -> bool {
@@ -129,32 +159,41 @@ unsafe fn deduplicate(ctx: &SkBuffContext, st: *mut BrakeState, len: u32) -> Opt
             return None;
         }
         let mut len = len;
-        if (*st).seq_known != 0 {
-            let next = (*st).next_seq;
-            // Serial-number arithmetic: positive when `seq` lies before `next`.
-            let overlap = next.wrapping_sub(seq) as i32;
-            if (end.wrapping_sub(next) as i32) > 0 {
-                (*st).next_seq = end;
-            }
-            if overlap > 0 {
-                let overlap = overlap as u32;
-                if overlap >= len {
-                    // No new payload (at most a FIN, which the daemon forwards itself).
-                    (*st).overlap += u64::from(len);
-                    return Some(0);
+        if (*st).seq_known == 0 {
+            // The first skb since the socket entered the sockhash. What lies before the socket's
+            // copied_seq the daemon has read itself: a retransmission arriving now may repeat it.
+            (*st).next_seq = match copied_seq(ctx) {
+                // Serial-number arithmetic: `c` within [seq, end].
+                Some(c)
+                    if (c.wrapping_sub(seq) as i32) >= 0 && (end.wrapping_sub(c) as i32) >= 0 =>
+                {
+                    c
                 }
-                if !trim(ctx, overlap) {
-                    // The repeat cannot be cut: the stream cannot be kept exact; the daemon
-                    // resets the session.
-                    (*st).seq_known = SEQ_BROKEN;
-                    return None;
-                }
-                (*st).overlap += u64::from(overlap);
-                len -= overlap;
-            }
-        } else {
-            (*st).next_seq = end;
+                _ => seq,
+            };
             (*st).seq_known = 1;
+        }
+        let next = (*st).next_seq;
+        // Serial-number arithmetic: positive when `seq` lies before `next`.
+        let overlap = next.wrapping_sub(seq) as i32;
+        if (end.wrapping_sub(next) as i32) > 0 {
+            (*st).next_seq = end;
+        }
+        if overlap > 0 {
+            let overlap = overlap as u32;
+            if overlap >= len {
+                // No new payload (at most a FIN, which the daemon forwards itself).
+                (*st).overlap += u64::from(len);
+                return Some(0);
+            }
+            if !trim(ctx, overlap) {
+                // The repeat cannot be cut: the stream cannot be kept exact; the daemon
+                // resets the session.
+                (*st).seq_known = SEQ_BROKEN;
+                return None;
+            }
+            (*st).overlap += u64::from(overlap);
+            len -= overlap;
         }
         Some(len)
     }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
@@ -22,7 +22,8 @@ use proxy_common::{
         KERNEL_TRAFFIC, SESSIONS, TRAFFIC_SLOTS_MAX,
     },
     sockmap::{
-        BrakeControl, BrakeState, ACTIVE, BRAKES, BRAKE_EVENTS, BRAKE_STATE, PAIRS, VERDICT_PROG,
+        BrakeControl, BrakeState, LayoutSlot, ACTIVE, BRAKES, BRAKE_EVENTS, BRAKE_STATE, LAYOUT,
+        PAIRS, VERDICT_PROG,
     },
 };
 
@@ -260,6 +261,40 @@ fn on_bpffs(dir: &Path) -> bool {
     })
 }
 
+/// Where the kernel's BTF is.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Gives the verdict the offsets it reads `tcp_sock.copied_seq` with (see
+/// [`LayoutSlot::TcpCopiedSeq`]). Without BTF they stay unknown and the verdict starts each
+/// socket's sequence tracking at its first skb instead.
+fn write_layout(layout: &mut Array<MapData, u32>) {
+    let offsets = std::fs::read(VMLINUX_BTF).ok().and_then(|blob| {
+        let btf = crate::btf::Btf::parse(&blob)?;
+        Some((
+            btf.member_offset("sk_buff", "sk")?,
+            btf.member_offset("tcp_sock", "copied_seq")?,
+        ))
+    });
+    let Some((sk, copied_seq)) = offsets else {
+        tracing::warn!(btf = VMLINUX_BTF, "cannot read tcp_sock.copied_seq's place from the kernel's BTF; a retransmission arriving first after a handover is not cut");
+        return;
+    };
+    for (slot, offset) in [
+        (LayoutSlot::SkbSk, sk),
+        (LayoutSlot::TcpCopiedSeq, copied_seq),
+    ] {
+        if let Err(e) = layout.set(slot as u32, offset, 0) {
+            tracing::warn!(cause = %e, "cannot write the layout map; a retransmission arriving first after a handover is not cut");
+            return;
+        }
+    }
+    tracing::debug!(
+        sk_buff_sk = sk,
+        tcp_sock_copied_seq = copied_seq,
+        "kernel layout"
+    );
+}
+
 impl Kernel {
     /// Loads the programs and maps, attaches the verdict, pins the counters under `pin_dir`.
     ///
@@ -304,6 +339,10 @@ impl Kernel {
         let counters = take(&mut ebpf, DAEMON_COUNTERS)?;
         let metrics = map_metrics(&utraffic, &counters)
             .map_err(ebpf_err("mapping the counter arrays (needs Linux 5.5+)"))?;
+
+        let mut layout = Array::<_, u32>::try_from(take(&mut ebpf, LAYOUT)?)
+            .map_err(ebpf_err("opening the layout map"))?;
+        write_layout(&mut layout);
 
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)

@@ -9,6 +9,7 @@
 
 pub mod acl;
 pub mod auth;
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -187,12 +187,19 @@ fn send_raw(packet: &[u8], to: Ipv4Addr) {
     );
 }
 
+/// `pipelined`: the first bytes go with the request, so the daemon reads them itself before the
+/// handover and the forged segment is the first skb the verdict sees: it must be cut against
+/// where the daemon stopped reading (the socket's `copied_seq`), not against itself.
 #[rstest]
-#[case::sockmap(DataPath::Sockmap)]
-#[case::splice(DataPath::Splice)]
-#[case::auto(DataPath::Auto)]
+#[case::sockmap(DataPath::Sockmap, false)]
+#[case::splice(DataPath::Splice, false)]
+#[case::auto(DataPath::Auto, false)]
+#[case::sockmap_first_skb(DataPath::Sockmap, true)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retransmission_overlapping_received_bytes_arrives_once(#[case] path: DataPath) {
+async fn a_retransmission_overlapping_received_bytes_arrives_once(
+    #[case] path: DataPath,
+    #[case] pipelined: bool,
+) {
     if !netns::require("TCP overlap through the proxy, sockmap path included") {
         return;
     }
@@ -224,10 +231,11 @@ async fn a_retransmission_overlapping_received_bytes_arrives_once(#[case] path: 
         .await
         .expect("greeting");
     socks::read_method(&mut client).await.expect("method");
-    client
-        .write_all(&socks::request(1, &target_addr.into()))
-        .await
-        .expect("request");
+    let mut request = socks::request(1, &target_addr.into());
+    if pipelined {
+        request.extend_from_slice(&stream[..FIRST]);
+    }
+    client.write_all(&request).await.expect("request");
     let reply = socks::read_reply(&mut client).await.expect("reply");
     assert_eq!(reply.code, 0, "CONNECT failed: {reply:?}");
     let mut target = accept
@@ -241,10 +249,12 @@ async fn a_retransmission_overlapping_received_bytes_arrives_once(#[case] path: 
         .await;
     }
 
-    client
-        .write_all(&stream[..FIRST])
-        .await
-        .expect("first write");
+    if !pipelined {
+        client
+            .write_all(&stream[..FIRST])
+            .await
+            .expect("first write");
+    }
     let mut got = vec![0u8; FIRST];
     within(LIMIT, "the first bytes", target.read_exact(&mut got))
         .await
@@ -301,7 +311,7 @@ async fn a_retransmission_overlapping_received_bytes_arrives_once(#[case] path: 
         .position(|(a, b)| a != b)
     {
         panic!(
-            "{path:?}: {}; the target got {} bytes of {TOTAL}",
+            "{path:?} (pipelined: {pipelined}): {}; the target got {} bytes of {TOTAL}",
             proxy_integration::pattern::describe_mismatch(SEED, at as u64, &all[at..]),
             all.len()
         );
