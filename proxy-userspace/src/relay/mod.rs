@@ -199,57 +199,39 @@ impl SpliceStage {
         client: TcpStream,
         upstream: TcpStream,
     ) -> Relayed {
-        let Self {
-            consumed,
-            bytes,
-            active,
-            idle,
-            auto,
-        } = self;
-        let promotion = auto.then(splice::Promotion::default);
+        let promotion = self.auto.then(splice::Promotion::default);
         // Bound first: a temporary in the `match` below would keep splice(2)'s box allocated
         // for the whole life of a promoted session.
         let spliced = Box::pin(splice::relay(
             shared,
             client,
             upstream,
-            idle,
-            &bytes,
+            self.idle,
+            &self.bytes,
             promotion.as_ref(),
         ))
         .await;
-        let mut outcome = match spliced {
-            splice::Spliced::Done(outcome) => outcome,
+        match spliced {
+            splice::Spliced::Done(mut outcome) => {
+                outcome.up += self.consumed.forwarded;
+                Relayed::Done(outcome)
+            }
             splice::Spliced::Promoted { client, upstream } => {
                 let pair = (client, upstream);
-                let stage = Self {
-                    consumed,
-                    bytes,
-                    active,
-                    idle,
-                    auto,
-                };
-                match Box::pin(stage.promote(shared, session, session_id, pair)).await {
-                    Ok(relayed) => return relayed,
-                    Err(outcome) => outcome,
-                }
+                Box::pin(self.promote(shared, session, session_id, pair)).await
             }
-        };
-        outcome.up += consumed.forwarded;
-        Relayed::Done(outcome)
+        }
     }
 
     /// Moves a session that splice(2) stopped for its promotion (or that waited parked without
-    /// payload) into the sockhash. `Ok`: the kernel carries it. `Err`: the kernel refused the
-    /// pair, which then finished on splice(2) (its `up` still lacks `consumed.forwarded`, like
-    /// any splice(2) outcome).
+    /// payload) into the sockhash; a pair the kernel refuses finishes on splice(2).
     async fn promote(
         self,
         shared: &Arc<Shared>,
         session: &SessionHandle,
         session_id: u64,
         (client, upstream): (TcpStream, TcpStream),
-    ) -> Result<Relayed, Outcome> {
+    ) -> Relayed {
         let Self {
             consumed,
             bytes,
@@ -276,14 +258,14 @@ impl SpliceStage {
         match handed {
             Ok(Relayed::Carried(mut carry)) => {
                 carry.promoted = true;
-                Ok(Relayed::Carried(carry))
+                Relayed::Carried(carry)
             }
             Ok(Relayed::Done(mut outcome)) => {
                 outcome.promoted = true;
-                Ok(Relayed::Done(outcome))
+                Relayed::Done(outcome)
             }
             // Not from a handover, which carries or ends the session.
-            Ok(relayed @ Relayed::Quiet(_)) => Ok(relayed),
+            Ok(relayed @ Relayed::Quiet(_)) => relayed,
             Err((client, upstream, left)) => {
                 // What the handover moved before the refusal belongs to splice(2)'s figures.
                 count_handover(
@@ -309,17 +291,19 @@ impl SpliceStage {
                 let spliced =
                     Box::pin(splice::relay(shared, client, upstream, idle, &bytes, None)).await;
                 drop(active);
-                match spliced {
-                    splice::Spliced::Done(outcome) => Err(outcome),
+                let mut outcome = match spliced {
+                    splice::Spliced::Done(outcome) => outcome,
                     // Without a `Promotion` splice(2) runs to the end.
-                    splice::Spliced::Promoted { .. } => Err(Outcome {
+                    splice::Spliced::Promoted { .. } => Outcome {
                         path: DataPath::Splice,
                         up: bytes.up.load(Relaxed),
                         down: bytes.down.load(Relaxed),
                         end: End::Error(io::Error::other("promotion without a request")),
                         promoted: false,
-                    }),
-                }
+                    },
+                };
+                outcome.up += consumed.forwarded;
+                Relayed::Done(outcome)
             }
         }
     }

@@ -182,17 +182,9 @@ impl Quiet {
                     .await
             }
             Woken::Due => {
-                let forwarded = stage.consumed.forwarded;
-                match stage
+                stage
                     .promote(shared, session, session_id, (client, upstream))
                     .await
-                {
-                    Ok(relayed) => relayed,
-                    Err(mut outcome) => {
-                        outcome.up += forwarded;
-                        Relayed::Done(outcome)
-                    }
-                }
             }
         }
     }
