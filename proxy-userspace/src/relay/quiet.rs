@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use super::{
     splice::PROMOTE_IDLE,
-    watch::{self, Watch},
+    watch::{self, WakeOn, Watch},
     End, Outcome, Relayed, SpliceStage,
 };
 use crate::{registry::SessionHandle, Shared};
@@ -105,15 +105,10 @@ impl Quiet {
                 )
             }
         };
-        let (watcher, parking) = (&shared.watcher, &shared.parking);
-        let watches = watcher
-            .watch_parked_input(client.as_fd(), parking, session_id)
-            .and_then(|c| {
-                Ok((
-                    c,
-                    watcher.watch_parked_input(upstream.as_fd(), parking, session_id)?,
-                ))
-            });
+        let fds = (client.as_fd(), upstream.as_fd());
+        let watches = shared
+            .watcher
+            .watch_parked(fds, &shared.parking, session_id, WakeOn::Input);
         let watches = match watches {
             Ok(w) => Some(w),
             Err(e) => {

@@ -25,7 +25,7 @@ use proxy_common::{
 use tokio::net::TcpStream;
 
 use super::{
-    watch::{self, Watch},
+    watch::{self, WakeOn, Watch},
     Consumed, End, IdleClock, Outcome,
 };
 use crate::{
@@ -204,15 +204,11 @@ pub async fn hand_over(
         // Cannot happen for a registered TcpStream; end the session cleanly all the same.
         _ => return failed(io::Error::other("cannot leave the reactor")),
     };
-    let (watcher, parking) = (&shared.watcher, &shared.parking);
-    let watches = watcher
-        .watch_parked(client.as_fd(), parking, session_id)
-        .and_then(|c| {
-            Ok((
-                c,
-                watcher.watch_parked(upstream.as_fd(), parking, session_id)?,
-            ))
-        });
+    let parking = &shared.parking;
+    let fds = (client.as_fd(), upstream.as_fd());
+    let watches = shared
+        .watcher
+        .watch_parked(fds, parking, session_id, WakeOn::EndOfStream);
     let watches = match watches {
         Ok(w) => w,
         Err(e) => {

@@ -44,6 +44,15 @@ pub struct Watcher {
     next: AtomicU64,
 }
 
+/// What wakes a parked session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeOn {
+    /// A FIN, a reset or an error: a session the kernel carries.
+    EndOfStream,
+    /// Its first input as well (payload): a session with no payload yet ([`super::quiet`]).
+    Input,
+}
+
 /// A socket's registration; deregisters on drop.
 #[derive(Debug)]
 pub struct Watch {
@@ -169,27 +178,22 @@ impl Watcher {
         }
     }
 
-    /// Starts watching `fd` for end of stream and errors on behalf of parked session `id`: its
-    /// events wake the session in `parking` until [`Watch::activate`] hands them to a task.
+    /// Starts watching a session's two sockets on behalf of parked session `id`: their events
+    /// wake the session in `parking`. For [`WakeOn::EndOfStream`], until [`Watch::activate`]
+    /// hands them to a task; [`WakeOn::Input`] watches are dropped once they woke the session.
     pub fn watch_parked(
         self: &Arc<Self>,
-        fd: BorrowedFd<'_>,
+        (client, upstream): (BorrowedFd<'_>, BorrowedFd<'_>),
         parking: &Arc<Parking>,
         id: u64,
-    ) -> io::Result<Watch> {
-        self.register_parked(fd, parking, id, END_OF_STREAM)
-    }
-
-    /// Starts watching `fd` for its first input (payload, end of stream, an error) on behalf of
-    /// parked session `id`, which has not moved payload yet ([`super::quiet`]). The watch wakes
-    /// the session and is dropped then; it is never activated.
-    pub fn watch_parked_input(
-        self: &Arc<Self>,
-        fd: BorrowedFd<'_>,
-        parking: &Arc<Parking>,
-        id: u64,
-    ) -> io::Result<Watch> {
-        self.register_parked(fd, parking, id, END_OF_STREAM | libc::EPOLLIN as u32)
+        on: WakeOn,
+    ) -> io::Result<(Watch, Watch)> {
+        let events = match on {
+            WakeOn::EndOfStream => END_OF_STREAM,
+            WakeOn::Input => END_OF_STREAM | libc::EPOLLIN as u32,
+        };
+        let c = self.register_parked(client, parking, id, events)?;
+        Ok((c, self.register_parked(upstream, parking, id, events)?))
     }
 
     fn register_parked(
