@@ -933,8 +933,24 @@ fn pace(config: &Config, user: Option<&str>, client: &TcpStream, upstream: &TcpS
     }
 }
 
+/// What an [`outgoing_socket`] is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outbound {
+    /// A connection to a target: its port is chosen at `connect`, for the whole 4-tuple.
+    Connect,
+    /// A BIND listener: its port is chosen at `bind`.
+    Listen,
+}
+
 /// A socket for an outgoing connection or BIND listener, bound per `[outgoing]`.
-fn outgoing_socket(config: &Config, target: &SocketAddr) -> io::Result<TcpSocket> {
+///
+/// A connection bound to a source address defers its port to `connect`
+/// (`IP_BIND_ADDRESS_NO_PORT`). A port chosen at `bind` must be free of every other socket on
+/// that address, TIME_WAIT ones included, whatever their peer: the daemon could then hold no
+/// more connections at once than `ip_local_port_range` has ports, and would fail sessions with
+/// `EADDRINUSE` once a few seconds of short sessions fill the range with TIME_WAIT. Chosen at
+/// `connect`, a port only needs to be free towards that one target.
+fn outgoing_socket(config: &Config, target: &SocketAddr, role: Outbound) -> io::Result<TcpSocket> {
     let sock = if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -948,6 +964,15 @@ fn outgoing_socket(config: &Config, target: &SocketAddr) -> io::Result<TcpSocket
         SocketAddr::V6(_) => config.outgoing.ipv6.map(IpAddr::V6),
     };
     if let Some(ip) = source {
+        if role == Outbound::Connect {
+            // Linux 4.2+; without it the port is chosen at bind as before.
+            let _ = sys::setsockopt_int(
+                sock.as_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                1,
+            );
+        }
         sock.bind(SocketAddr::new(ip, 0))?;
     }
     Ok(sock)
@@ -957,7 +982,7 @@ fn outgoing_socket(config: &Config, target: &SocketAddr) -> io::Result<TcpSocket
 async fn connect(config: &Config, targets: &[SocketAddr]) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for t in targets {
-        match outgoing_socket(config, t) {
+        match outgoing_socket(config, t, Outbound::Connect) {
             Ok(sock) => match sock.connect(*t).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e,
@@ -996,7 +1021,7 @@ async fn bind(
             .map(|a| a.ip())
             .unwrap_or(IpAddr::from([0, 0, 0, 0]))
     });
-    let listener = match outgoing_socket(config, first).and_then(|s| {
+    let listener = match outgoing_socket(config, first, Outbound::Listen).and_then(|s| {
         s.set_reuseaddr(true)?;
         if config.outgoing.ipv4.is_none() && config.outgoing.ipv6.is_none() {
             s.bind(SocketAddr::new(local_ip, 0))?;

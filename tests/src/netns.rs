@@ -290,6 +290,29 @@ impl Topology {
         self.ip(v6, 2, 2)
     }
 
+    /// Adds a second address for the proxy on the target link (`10.N.2.3`, `fdN:2::3`) and
+    /// returns it: a source address the proxy only uses when told to.
+    pub fn add_proxy_alias(&self, v6: bool) -> IpAddr {
+        let ip = self.ip(v6, 2, 3);
+        let (prefix, mut extra) = if v6 {
+            (64, vec!["nodad"])
+        } else {
+            (24, vec![])
+        };
+        let cidr = format!("{ip}/{prefix}");
+        let mut args = vec![
+            if v6 { "-6" } else { "-4" },
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            "p1",
+        ];
+        args.append(&mut extra);
+        self.proxy.ip(&args);
+        ip
+    }
+
     /// An unused address on the target link (for destinations nobody answers).
     pub fn unused_target_ip(&self, v6: bool) -> IpAddr {
         self.ip(v6, 2, 99)
