@@ -2,7 +2,7 @@
 //! address. Blocking and tokio flavours; both bounded by timeouts.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -101,8 +101,40 @@ pub async fn connect_async(
     proxy: Option<SocketAddr>,
     target: SocketAddrV4,
 ) -> Result<tokio::net::TcpStream> {
+    connect_async_from(None, proxy, target).await
+}
+
+/// [`connect_async`] from the loopback address `source` (e.g. 127.0.0.2), its port chosen at
+/// connect for that destination (`IP_BIND_ADDRESS_NO_PORT`).
+pub async fn connect_async_from(
+    source: Option<Ipv4Addr>,
+    proxy: Option<SocketAddr>,
+    target: SocketAddrV4,
+) -> Result<tokio::net::TcpStream> {
     let first_hop = proxy.unwrap_or(SocketAddr::V4(target));
-    let mut s = tokio::net::TcpStream::connect(first_hop)
+    let connecting = async {
+        let Some(ip) = source else {
+            return tokio::net::TcpStream::connect(first_hop).await;
+        };
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        let one: libc::c_int = 1;
+        // SAFETY: passes a readable int of the stated size on a socket this function owns.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        sock.bind(SocketAddr::new(ip.into(), 0))?;
+        sock.connect(first_hop).await
+    };
+    let mut s = connecting
         .await
         .with_context(|| format!("connect to {first_hop}"))?;
     s.set_nodelay(true)?;
