@@ -697,24 +697,61 @@ impl Sockmap {
             .ok()
     }
 
+    /// Reads the final counters of a pair and removes every entry the pair has in the maps;
+    /// its sockets leave the sockhashes when they are closed.
+    pub fn finish(&self, pair: &SplicedPair) -> Finished {
+        let cookies = [pair.client_cookie, pair.upstream_cookie];
+        let [up, down] = {
+            let mut s = self.sessions.lock().expect("sessions lock");
+            cookies.map(|c| take(&mut s, c).unwrap_or_default())
+        };
+        let state = {
+            let mut st = self.brake_state.lock().expect("brake state lock");
+            cookies.map(|c| take(&mut st, c).unwrap_or_default())
+        };
+        let mut b = self.brakes.lock().expect("brakes lock");
+        for c in cookies {
+            let _ = b.remove(&c);
+        }
+        Finished {
+            up,
+            down,
+            overlap: state[0].overlap + state[1].overlap,
+        }
+    }
+}
+
+/// The last figures of a spliced pair, from [`Sockmap::finish`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Finished {
+    /// The client socket's counters (client to target).
+    pub up: SessionTraffic,
+    /// The upstream socket's counters (target to client).
+    pub down: SessionTraffic,
     /// Bytes the verdict cut off retransmitted skbs of the pair (both sockets): they repeated
     /// bytes already forwarded.
-    pub fn overlap(&self, pair: &SplicedPair) -> u64 {
-        let st = |cookie| self.brake_state(cookie).map_or(0, |s| s.overlap);
-        st(pair.client_cookie) + st(pair.upstream_cookie)
-    }
+    pub overlap: u64,
+}
 
-    /// Reads the final counters of a pair and removes them: `(up, down)`.
-    pub fn finish(&self, pair: &SplicedPair) -> (SessionTraffic, SessionTraffic) {
-        let mut s = self.sessions.lock().expect("sessions lock");
-        let up = s.get(&pair.client_cookie, 0).unwrap_or_default();
-        let down = s.get(&pair.upstream_cookie, 0).unwrap_or_default();
-        let _ = s.remove(&pair.client_cookie);
-        let _ = s.remove(&pair.upstream_cookie);
-        drop(s);
-        self.forget_brakes(pair.client_cookie, pair.upstream_cookie);
-        (up, down)
+/// Removes `key` from a hash map and returns its last value: one `bpf(2)` call where the kernel
+/// has `BPF_MAP_LOOKUP_AND_DELETE_ELEM` for hash maps (5.14), a lookup and a delete before.
+fn take<V: aya::Pod>(map: &mut HashMap<MapData, u64, V>, key: u64) -> Option<V> {
+    use aya::maps::IterableMap as _;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    /// Set once the kernel has refused the combined call.
+    static TWO_CALLS: AtomicBool = AtomicBool::new(false);
+    if !TWO_CALLS.load(Relaxed) {
+        match sys::bpf_map_take::<u64, V>(map.map().fd().as_fd(), &key) {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::debug!(cause = %e, "BPF_MAP_LOOKUP_AND_DELETE_ELEM refused; looking up and deleting apart");
+                TWO_CALLS.store(true, Relaxed);
+            }
+        }
     }
+    let v = map.get(&key, 0).ok();
+    let _ = map.remove(&key);
+    v
 }
 
 fn probe(sockmap: &Sockmap) -> io::Result<()> {
@@ -827,6 +864,22 @@ mod tests {
         assert_eq!(&got, b"twothreefour");
         assert_eq!(sm.brake_state(c).unwrap().passed, 8);
         assert_eq!(sm.traffic(c).unwrap().bytes, 15);
-        sm.finish(&pair);
+
+        // The last figures come back, and nothing of the pair is left in the maps.
+        let last = sm.finish(&pair);
+        assert_eq!(last.up.bytes, 15);
+        assert_eq!(last.down.bytes, 0);
+        assert_eq!(last.overlap, 0);
+        for cookie in [c, pair.upstream_cookie] {
+            assert!(sm.traffic(cookie).is_none(), "counters of {cookie} left");
+            assert!(
+                sm.brake_state(cookie).is_none(),
+                "brake state of {cookie} left"
+            );
+            assert!(
+                sm.brakes.lock().unwrap().get(&cookie, 0).is_err(),
+                "brake control of {cookie} left"
+            );
+        }
     }
 }

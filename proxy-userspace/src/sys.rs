@@ -182,6 +182,52 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(v)
 }
 
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on the hash map `map`: reads `key`'s value and removes the
+/// entry in one call (Linux 5.14+ for hash maps). `Ok(None)`: no such key. Kernels without it
+/// answer `EINVAL` or `ENOTSUPP`, which the caller takes as "do it in two calls".
+///
+/// `K` and `V` must be the map's key and value types exactly (plain data, the sizes the map
+/// was created with): the kernel writes `size_of::<V>()` bytes into the value.
+pub fn bpf_map_take<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    /// The members of `union bpf_attr` that the element commands use.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = mem::MaybeUninit::<V>::uninit();
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (&raw const *key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` of the stated size; the key is
+    // readable and the value writable for the map's sizes, which the caller guarantees.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw const attr,
+            mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel filled the value on success.
+    Ok(Some(unsafe { value.assume_init() }))
+}
+
 /// A non-blocking, close-on-exec pipe: `(read end, write end)`.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];

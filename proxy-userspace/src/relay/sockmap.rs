@@ -358,12 +358,13 @@ impl Carry {
     fn end(self, shared: &Shared, res: io::Result<End>) -> Outcome {
         let (up, down) = match shared.sockmap() {
             Some(sm) => {
-                let overlap = sm.overlap(&self.pair);
-                if overlap > 0 {
-                    shared.metrics.add(Counter::SockmapOverlapBytes, overlap);
+                let last = sm.finish(&self.pair);
+                if last.overlap > 0 {
+                    shared
+                        .metrics
+                        .add(Counter::SockmapOverlapBytes, last.overlap);
                 }
-                let (up, down) = sm.finish(&self.pair);
-                (up.bytes, down.bytes)
+                (last.up.bytes, last.down.bytes)
             }
             None => (0, 0),
         };
