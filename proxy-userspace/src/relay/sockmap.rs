@@ -283,14 +283,8 @@ impl Carry {
             return self.end(shared, Err(io::Error::other("the sockhash is gone")));
         };
         // Events now wake this task; each direction re-checks its socket and brake first.
-        if let Err(e) = self
-            .watches
-            .0
-            .activate()
-            .and_then(|()| self.watches.1.activate())
-        {
-            return self.end(shared, Err(e));
-        }
+        self.watches.0.activate();
+        self.watches.1.activate();
         for b in [&mut self.brakes.0, &mut self.brakes.1]
             .into_iter()
             .flatten()

@@ -9,26 +9,27 @@
 //! sits in tokio's reactor.
 //!
 //! A socket starts out watched for a parked session (one with no task while nothing happens to
-//! it, see [`super::park`]): its epoll data is the session id, tagged with [`PARKED`], so that
-//! the set keeps no per-socket entry, and an event gives the session a task. From then on
-//! ([`Watch::activate`]) events wake that task's [`Notify`].
+//! it, see [`super::park`]): its epoll data is the session id, tagged with [`PARKED`] (and
+//! [`UPSTREAM`] for the session's upstream socket), so that the set keeps no per-socket entry,
+//! and an event gives the session a task. From then on ([`Watch::activate`]) events on that
+//! epoll data wake the task's [`Notify`]: the registration itself never changes, so handing a
+//! socket to a task costs no `epoll_ctl`.
 
 use std::{
     collections::HashMap,
     io,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, OnceLock,
-    },
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
 use super::park::Parking;
 
-/// Tag of an epoll token that is a parked session's id rather than a task's registration.
+/// Tag of an epoll token that carries a session id.
 const PARKED: u64 = 1 << 63;
+/// Tag of the token of a session's upstream socket (the client's has none).
+const UPSTREAM: u64 = 1 << 62;
 /// What a spliced socket is watched for: its peer's FIN or a reset (errors and hang-ups are
 /// always reported), edge-triggered.
 const END_OF_STREAM: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
@@ -37,11 +38,10 @@ const END_OF_STREAM: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 #[derive(Debug)]
 pub struct Watcher {
     epoll: AsyncFd<OwnedFd>,
-    /// Tasks waiting, by token.
+    /// Tasks waiting, by token; a token without a waiter wakes its parked session.
     waiters: Mutex<HashMap<u64, Arc<Notify>>>,
     /// Where parked sessions wait (set by the first parked registration).
     parking: OnceLock<Arc<Parking>>,
-    next: AtomicU64,
 }
 
 /// What wakes a parked session.
@@ -121,7 +121,6 @@ impl Watcher {
             epoll,
             waiters: Mutex::new(HashMap::new()),
             parking: OnceLock::new(),
-            next: AtomicU64::new(1),
         });
         let weak = Arc::downgrade(&w);
         tokio::spawn(async move {
@@ -162,12 +161,10 @@ impl Watcher {
                 let waiters = self.waiters.lock().expect("watcher lock");
                 for ev in &events[..n] {
                     let token = ev.u64;
-                    if token & PARKED != 0 {
-                        if let Some(p) = self.parking.get() {
-                            p.wake(token & !PARKED);
-                        }
-                    } else if let Some(notify) = waiters.get(&token) {
+                    if let Some(notify) = waiters.get(&token) {
                         notify.notify_one();
+                    } else if let Some(p) = self.parking.get() {
+                        p.wake(token & !(PARKED | UPSTREAM));
                     }
                 }
             }
@@ -192,19 +189,26 @@ impl Watcher {
             WakeOn::EndOfStream => END_OF_STREAM,
             WakeOn::Input => END_OF_STREAM | libc::EPOLLIN as u32,
         };
-        let c = self.register_parked(client, parking, id, events)?;
-        Ok((c, self.register_parked(upstream, parking, id, events)?))
+        debug_assert_eq!(
+            id & (PARKED | UPSTREAM),
+            0,
+            "session id {id} takes a tag bit"
+        );
+        let c = self.register_parked(client, parking, PARKED | id, events)?;
+        Ok((
+            c,
+            self.register_parked(upstream, parking, PARKED | UPSTREAM | id, events)?,
+        ))
     }
 
     fn register_parked(
         self: &Arc<Self>,
         fd: BorrowedFd<'_>,
         parking: &Arc<Parking>,
-        id: u64,
+        token: u64,
         events: u32,
     ) -> io::Result<Watch> {
         self.parking.get_or_init(|| parking.clone());
-        let token = PARKED | id;
         self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token, events)?;
         Ok(Watch {
             watcher: self.clone(),
@@ -229,33 +233,19 @@ impl Watch {
     /// Hands the socket's events to a task from now on (its session was parked). Leaves one
     /// notification pending: an event that went to the parked session in the meantime must not
     /// be lost, so the task re-checks the socket first.
-    pub fn activate(&mut self) -> io::Result<()> {
+    pub fn activate(&mut self) {
         if self.notify.is_none() {
             let notify = Arc::new(Notify::new());
-            let token = self.watcher.next.fetch_add(1, Relaxed);
             self.watcher
                 .waiters
                 .lock()
                 .expect("watcher lock")
-                .insert(token, notify.clone());
-            if let Err(e) = self
-                .watcher
-                .ctl(libc::EPOLL_CTL_MOD, self.fd, token, END_OF_STREAM)
-            {
-                self.watcher
-                    .waiters
-                    .lock()
-                    .expect("watcher lock")
-                    .remove(&token);
-                return Err(e);
-            }
-            self.token = token;
+                .insert(self.token, notify.clone());
             self.notify = Some(notify);
         }
         if let Some(n) = &self.notify {
             n.notify_one();
         }
-        Ok(())
     }
 
     /// Waits until the socket may have changed state (FIN, reset, error). Spurious returns are
@@ -281,7 +271,7 @@ impl Drop for Watch {
                 std::ptr::null_mut(),
             );
         }
-        if self.token & PARKED == 0 {
+        if self.notify.is_some() {
             self.watcher
                 .waiters
                 .lock()
