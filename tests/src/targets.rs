@@ -100,14 +100,26 @@ impl Echo {
     }
 
     pub fn serve(l: TcpListener) -> Self {
+        Self::serve_noting_peers(l, None)
+    }
+
+    /// [`Echo::serve`] that also appends the address of every connection it accepts to
+    /// `peers`, when given.
+    pub fn serve_noting_peers(
+        l: TcpListener,
+        peers: Option<std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>>,
+    ) -> Self {
         let addr = l.local_addr().expect("local_addr");
         let task = Task::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else {
+                let Ok((mut s, peer)) = l.accept().await else {
                     // EMFILE and the like: do not spin.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                if let Some(p) = &peers {
+                    p.lock().expect("peers lock").push(peer);
+                }
                 tokio::spawn(async move {
                     let (mut r, mut w) = s.split();
                     if tokio::io::copy(&mut r, &mut w).await.is_ok() {

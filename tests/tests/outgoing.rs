@@ -10,7 +10,7 @@ use std::{
 use proxy_integration::{
     netns::{self, Topology},
     socks::{self, Target},
-    within, Daemon, DaemonOpts, DataPath, Task,
+    within, Daemon, DaemonOpts, DataPath, Echo,
 };
 use rstest::rstest;
 use tokio::{
@@ -27,34 +27,16 @@ const TARGETS: usize = 3;
 const PER_TARGET: usize = 50;
 
 /// An echo target in the target namespace that records every peer address it accepts.
-fn echo_target(
-    t: &Topology,
-    ip: IpAddr,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
-) -> (SocketAddr, Task<()>) {
+fn echo_target(t: &Topology, ip: IpAddr, peers: Arc<Mutex<Vec<SocketAddr>>>) -> Echo {
     let l = t
         .target
         .enter(|| std::net::TcpListener::bind(SocketAddr::new(ip, 0)))
         .expect("target listener");
     l.set_nonblocking(true).expect("nonblocking");
-    let l = TcpListener::from_std(l).expect("tokio listener");
-    let addr = l.local_addr().expect("target address");
-    let task = Task::spawn(async move {
-        loop {
-            let Ok((mut s, peer)) = l.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            peers.lock().unwrap().push(peer);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-                    let _ = w.shutdown().await;
-                }
-            });
-        }
-    });
-    (addr, task)
+    Echo::serve_noting_peers(
+        TcpListener::from_std(l).expect("tokio listener"),
+        Some(peers),
+    )
 }
 
 /// CONNECT through the proxy from the client namespace; returns the stream and BND.ADDR.
@@ -108,13 +90,10 @@ async fn outgoing_address_does_not_cap_sessions_at_the_port_range(#[case] v6: bo
     });
 
     let peers = Arc::new(Mutex::new(Vec::new()));
-    let mut targets = Vec::new();
-    let mut tasks = Vec::new();
-    for _ in 0..TARGETS {
-        let (addr, task) = echo_target(&t, t.target_ip(v6), peers.clone());
-        targets.push(addr);
-        tasks.push(task);
-    }
+    let echoes: Vec<Echo> = (0..TARGETS)
+        .map(|_| echo_target(&t, t.target_ip(v6), peers.clone()))
+        .collect();
+    let targets: Vec<SocketAddr> = echoes.iter().map(|e| e.addr).collect();
 
     let mut sessions = Vec::new();
     within(LIMIT, "opening the sessions", async {
