@@ -430,7 +430,7 @@ impl Snapshot {
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect();
         states.push((
-            "parked (no task; of sockmap, splice)".to_owned(),
+            "parked (of sockmap, splice)".to_owned(),
             self.counter(Counter::SessionsParked),
         ));
         section(
