@@ -978,19 +978,87 @@ fn outgoing_socket(config: &Config, target: &SocketAddr, role: Outbound) -> io::
     Ok(sock)
 }
 
-/// Connects to the first target that accepts.
+/// RFC 8305's Connection Attempt Delay: how long an attempt to one address runs alone before
+/// the next address is tried beside it.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Connects to the first target that accepts, Happy Eyeballs style (RFC 8305): the addresses
+/// in resolver order with the families alternating, a new attempt every [`ATTEMPT_DELAY`] or
+/// as soon as one fails, the first to connect wins and the others are dropped. An address that
+/// does not answer at all (an IPv6 route that blackholes, a filtered host) then costs a quarter
+/// of a second instead of the whole connect timeout. Fails with the last error when every
+/// address has failed.
 async fn connect(config: &Config, targets: &[SocketAddr]) -> io::Result<TcpStream> {
+    use std::{future::Future, pin::Pin, task::Poll};
+    type Attempt<'a> = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'a>>;
+    let attempt = |t: SocketAddr| -> Attempt<'_> {
+        Box::pin(async move {
+            outgoing_socket(config, &t, Outbound::Connect)?
+                .connect(t)
+                .await
+        })
+    };
+    let mut rest = interleave_families(targets).into_iter();
+    let mut pending: Vec<Attempt<'_>> = Vec::new();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for t in targets {
-        match outgoing_socket(config, t, Outbound::Connect) {
-            Ok(sock) => match sock.connect(*t).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = e,
-            },
-            Err(e) => last = e,
+    let mut delay = Box::pin(tokio::time::sleep(ATTEMPT_DELAY));
+    let mut start_next = true;
+    loop {
+        if std::mem::take(&mut start_next) {
+            if let Some(t) = rest.next() {
+                pending.push(attempt(t));
+                delay
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
+            }
+        }
+        if pending.is_empty() {
+            return Err(last);
+        }
+        let more = rest.len() > 0;
+        let event = std::future::poll_fn(|cx| {
+            for (i, a) in pending.iter_mut().enumerate() {
+                if let Poll::Ready(r) = a.as_mut().poll(cx) {
+                    return Poll::Ready(Some((i, r)));
+                }
+            }
+            if more && delay.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Some((_, Ok(s))) => return Ok(s),
+            // A failed attempt lets the next address start at once.
+            Some((i, Err(e))) => {
+                drop(pending.swap_remove(i));
+                last = e;
+                start_next = true;
+            }
+            // The delay ran out: the next address starts beside the running attempts.
+            None => start_next = true,
         }
     }
-    Err(last)
+}
+
+/// The addresses in resolver order, the families alternating from the first address's family
+/// on (RFC 8305, section 4).
+fn interleave_families(targets: &[SocketAddr]) -> Vec<SocketAddr> {
+    let Some(first) = targets.first() else {
+        return Vec::new();
+    };
+    let (mut same, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        targets
+            .iter()
+            .copied()
+            .partition(|t| t.is_ipv4() == first.is_ipv4());
+    let mut out = Vec::with_capacity(targets.len());
+    while !same.is_empty() || !other.is_empty() {
+        out.extend(same.pop_front());
+        out.extend(other.pop_front());
+    }
+    out
 }
 
 /// RFC 1928 BIND: listen, tell the client where, wait for the expected peer, tell the client
@@ -1170,6 +1238,34 @@ pub fn reply_for(e: &io::Error) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_alternate_families_from_the_first_one_on() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let got = super::interleave_families(&[
+            a("[2001:db8::1]:80"),
+            a("[2001:db8::2]:80"),
+            a("[2001:db8::3]:80"),
+            a("192.0.2.1:80"),
+            a("192.0.2.2:80"),
+        ]);
+        assert_eq!(
+            got,
+            [
+                a("[2001:db8::1]:80"),
+                a("192.0.2.1:80"),
+                a("[2001:db8::2]:80"),
+                a("192.0.2.2:80"),
+                a("[2001:db8::3]:80"),
+            ]
+        );
+        let v4 = [a("192.0.2.1:80"), a("192.0.2.2:80"), a("[2001:db8::1]:80")];
+        assert_eq!(
+            super::interleave_families(&v4),
+            [a("192.0.2.1:80"), a("[2001:db8::1]:80"), a("192.0.2.2:80")]
+        );
+        assert!(super::interleave_families(&[]).is_empty());
+    }
 
     #[test]
     fn connect_errors_map_to_reply_codes() {

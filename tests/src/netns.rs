@@ -313,6 +313,12 @@ impl Topology {
         ip
     }
 
+    /// The address `host` on link `net` (1: client-proxy, 2: proxy-target) of this topology,
+    /// assigned or not.
+    pub fn addr_on(&self, v6: bool, net: u32, host: u32) -> IpAddr {
+        self.ip(v6, net, host)
+    }
+
     /// An unused address on the target link (for destinations nobody answers).
     pub fn unused_target_ip(&self, v6: bool) -> IpAddr {
         self.ip(v6, 2, 99)

@@ -1,5 +1,5 @@
-//! `[outgoing]`: connections to targets leave from the configured source address, and binding
-//! that address does not cap the sessions at the size of the ephemeral port range.
+//! Connections to targets: `[outgoing]` source addresses (they must not cap the sessions at
+//! the size of the ephemeral port range), and a name whose first address never answers.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -40,15 +40,20 @@ fn echo_target(t: &Topology, ip: IpAddr, peers: Arc<Mutex<Vec<SocketAddr>>>) -> 
 }
 
 /// CONNECT through the proxy from the client namespace; returns the stream and BND.ADDR.
-async fn connect(t: &Topology, proxy: SocketAddr, target: SocketAddr) -> (TcpStream, SocketAddr) {
+async fn connect(
+    t: &Topology,
+    proxy: SocketAddr,
+    target: impl Into<Target>,
+) -> (TcpStream, SocketAddr) {
+    let target = target.into();
     let mut s = Topology::tcp(&t.client, proxy);
     s.write_all(&socks::greeting()).await.expect("greeting");
     socks::read_method(&mut s).await.expect("method selection");
-    s.write_all(&socks::request(1, &target.into()))
+    s.write_all(&socks::request(1, &target))
         .await
         .expect("request");
     let reply = socks::read_reply(&mut s).await.expect("reply");
-    assert_eq!(reply.code, 0, "CONNECT {target} failed: {reply:?}");
+    assert_eq!(reply.code, 0, "CONNECT {target:?} failed: {reply:?}");
     let Target::Ip(bound) = reply.bound else {
         panic!("BND.ADDR is a name: {reply:?}");
     };
@@ -139,5 +144,88 @@ async fn outgoing_address_does_not_cap_sessions_at_the_port_range(#[case] v6: bo
     bound.sort_unstable();
     assert_eq!(seen, bound, "sources at the targets against BND.ADDR");
     drop(sessions);
+    daemon.stop();
+}
+
+/// A name that resolves to an address nobody answers, then to the target: the daemon tries
+/// the second address 250 ms into the first attempt (RFC 8305), so the CONNECT succeeds well
+/// within a 2 s connect timeout. Trying the addresses one after another, the first attempt
+/// took the whole timeout (the address is on the link, and its ARP resolution only gives up
+/// after 3 s) and the client got reply 0x06.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_address_that_never_answers_does_not_fail_the_connect() {
+    if !netns::require("CONNECT to a name whose first address never answers") {
+        return;
+    }
+    let t = Topology::new();
+    // On the target link, owned by nobody: ARP never resolves it.
+    let dead = t.addr_on(false, 2, 4);
+    let live = t.addr_on(false, 2, 200);
+    t.target
+        .ip(&["addr", "add", &format!("{live}/24"), "dev", "t0"]);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hosts = dir.path().join("hosts");
+    let system = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    std::fs::write(
+        &hosts,
+        format!("{system}\n{dead} slowhost.test\n{live} slowhost.test\n"),
+    )
+    .expect("hosts file");
+    // The daemon sees that hosts file in a mount namespace of its own.
+    let private_hosts = vec![
+        "nsenter".to_owned(),
+        format!("--net={}", t.proxy.path()),
+        "unshare".to_owned(),
+        "-m".to_owned(),
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("mount --bind {} /etc/hosts && exec \"$@\"", hosts.display()),
+        "sh".to_owned(),
+    ];
+    // The resolver must give the dead address first, or the test proves nothing.
+    let mut probe = private_hosts.clone();
+    probe.extend([
+        "getent".to_owned(),
+        "ahostsv4".to_owned(),
+        "slowhost.test".to_owned(),
+    ]);
+    let out = std::process::Command::new(&probe[0])
+        .args(&probe[1..])
+        .output()
+        .expect("getent in the daemon's namespaces");
+    let order = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        order.starts_with(&dead.to_string()),
+        "the resolver does not give {dead} first: {order:?}"
+    );
+
+    let [n4, n6] = t.networks();
+    let daemon = Daemon::start(DaemonOpts {
+        listen: vec![SocketAddr::new(t.proxy_ip(false), 0).to_string()],
+        extra_toml: format!("allow_clients = [\"{n4}\", \"{n6}\"]\n[timeouts]\nconnect = \"2s\"\n"),
+        allow_clients: false,
+        wrapper: private_hosts,
+        ..DaemonOpts::default()
+    });
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let echo = echo_target(&t, live, peers.clone());
+    let (mut s, _) = within(
+        LIMIT,
+        "CONNECT to slowhost.test",
+        connect(
+            &t,
+            daemon.addr(),
+            Target::Domain("slowhost.test".into(), echo.addr.port()),
+        ),
+    )
+    .await;
+    s.write_all(b"eyeballs").await.expect("write");
+    let mut got = [0u8; 8];
+    within(LIMIT, "echo", s.read_exact(&mut got))
+        .await
+        .expect("echo");
+    assert_eq!(&got, b"eyeballs");
+    assert_eq!(peers.lock().unwrap().len(), 1, "connections at the target");
+    drop(s);
     daemon.stop();
 }
