@@ -990,6 +990,12 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// address has failed.
 async fn connect(config: &Config, targets: &[SocketAddr]) -> io::Result<TcpStream> {
     use std::{future::Future, pin::Pin, task::Poll};
+    if let [t] = targets {
+        // One address (a literal, or a name with one): no race to run.
+        return outgoing_socket(config, t, Outbound::Connect)?
+            .connect(*t)
+            .await;
+    }
     type Attempt<'a> = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'a>>;
     let attempt = |t: SocketAddr| -> Attempt<'_> {
         Box::pin(async move {
