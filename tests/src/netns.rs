@@ -15,6 +15,8 @@
 //! Sockets are opened inside a namespace with [`Netns::enter`], which switches the calling
 //! thread only and switches back before it returns; a socket keeps its namespace for life.
 
+use crate::{DaemonOpts, DataPath};
+
 use std::{
     ffi::CString,
     net::{IpAddr, SocketAddr},
@@ -330,6 +332,20 @@ impl Topology {
             format!("fd{n:02x}:{net}::{host}").parse().expect("literal")
         } else {
             format!("10.{n}.{net}.{host}").parse().expect("literal")
+        }
+    }
+
+    /// Options for a daemon in the proxy namespace, listening on its client-side address
+    /// (`v6`: the IPv6 one) and admitting the client and target networks; `extra_toml` follows.
+    pub fn proxy_daemon(&self, data_path: DataPath, v6: bool, extra_toml: &str) -> DaemonOpts {
+        let [n4, n6] = self.networks();
+        DaemonOpts {
+            data_path,
+            listen: vec![SocketAddr::new(self.proxy_ip(v6), 0).to_string()],
+            extra_toml: format!("allow_clients = [\"{n4}\", \"{n6}\"]\n{extra_toml}"),
+            allow_clients: false,
+            wrapper: vec!["nsenter".into(), format!("--net={}", self.proxy.path())],
+            ..DaemonOpts::default()
         }
     }
 

@@ -10,7 +10,7 @@ use std::{
 use proxy_integration::{
     netns::{self, Topology},
     socks::{self, Target},
-    within, Daemon, DaemonOpts, DataPath, Echo,
+    within, Daemon, DataPath, Echo,
 };
 use rstest::rstest;
 use tokio::{
@@ -81,18 +81,12 @@ async fn outgoing_address_does_not_cap_sessions_at_the_port_range(#[case] v6: bo
     );
     // Not the address routing picks: connections come from it only if bound to it.
     let source = t.add_proxy_alias(v6);
-    let [n4, n6] = t.networks();
     let key = if v6 { "ipv6" } else { "ipv4" };
-    let daemon = Daemon::start(DaemonOpts {
-        data_path: DataPath::Auto,
-        listen: vec![SocketAddr::new(t.proxy_ip(v6), 0).to_string()],
-        extra_toml: format!(
-            "allow_clients = [\"{n4}\", \"{n6}\"]\n[outgoing]\n{key} = \"{source}\"\n"
-        ),
-        allow_clients: false,
-        wrapper: vec!["nsenter".into(), format!("--net={}", t.proxy.path())],
-        ..DaemonOpts::default()
-    });
+    let daemon = Daemon::start(t.proxy_daemon(
+        DataPath::Auto,
+        v6,
+        &format!("[outgoing]\n{key} = \"{source}\"\n"),
+    ));
 
     let peers = Arc::new(Mutex::new(Vec::new()));
     let echoes: Vec<Echo> = (0..TARGETS)
@@ -172,18 +166,17 @@ async fn a_first_address_that_never_answers_does_not_fail_the_connect() {
     )
     .expect("hosts file");
     // The daemon sees that hosts file in a mount namespace of its own.
-    let private_hosts = vec![
-        "nsenter".to_owned(),
-        format!("--net={}", t.proxy.path()),
+    let mut opts = t.proxy_daemon(DataPath::Auto, false, "[timeouts]\nconnect = \"2s\"\n");
+    opts.wrapper.extend([
         "unshare".to_owned(),
         "-m".to_owned(),
         "sh".to_owned(),
         "-c".to_owned(),
         format!("mount --bind {} /etc/hosts && exec \"$@\"", hosts.display()),
         "sh".to_owned(),
-    ];
+    ]);
     // The resolver must give the dead address first, or the test proves nothing.
-    let mut probe = private_hosts.clone();
+    let mut probe = opts.wrapper.clone();
     probe.extend([
         "getent".to_owned(),
         "ahostsv4".to_owned(),
@@ -199,14 +192,7 @@ async fn a_first_address_that_never_answers_does_not_fail_the_connect() {
         "the resolver does not give {dead} first: {order:?}"
     );
 
-    let [n4, n6] = t.networks();
-    let daemon = Daemon::start(DaemonOpts {
-        listen: vec![SocketAddr::new(t.proxy_ip(false), 0).to_string()],
-        extra_toml: format!("allow_clients = [\"{n4}\", \"{n6}\"]\n[timeouts]\nconnect = \"2s\"\n"),
-        allow_clients: false,
-        wrapper: private_hosts,
-        ..DaemonOpts::default()
-    });
+    let daemon = Daemon::start(opts);
     let peers = Arc::new(Mutex::new(Vec::new()));
     let echo = echo_target(&t, live, peers.clone());
     let (mut s, _) = within(

@@ -18,7 +18,7 @@ use std::{
 
 use proxy_integration::{
     netns::{self, Topology},
-    poll_until, socks, within, Daemon, DaemonOpts, DataPath, Pattern, Task,
+    poll_until, socks, within, Daemon, DataPath, Pattern, Task,
 };
 use rstest::rstest;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -206,15 +206,7 @@ async fn a_retransmission_overlapping_received_bytes_arrives_once(
     let t = Topology::new();
     // Segments without options, so that the forged one looks like the socket's own.
     t.client.sysctl("net/ipv4/tcp_timestamps", "0");
-    let [n4, n6] = t.networks();
-    let daemon = Daemon::start(DaemonOpts {
-        data_path: path,
-        listen: vec![SocketAddr::new(t.proxy_ip(false), 0).to_string()],
-        extra_toml: format!("allow_clients = [\"{n4}\", \"{n6}\"]\n"),
-        allow_clients: false,
-        wrapper: vec!["nsenter".into(), format!("--net={}", t.proxy.path())],
-        ..DaemonOpts::default()
-    });
+    let daemon = Daemon::start(t.proxy_daemon(path, false, ""));
     let listener = t
         .target
         .enter(|| std::net::TcpListener::bind(SocketAddr::new(t.target_ip(false), 0)))

@@ -17,24 +17,18 @@ use proxy_integration::{
     netns::{self, udp_in_datagrams, Topology},
     poll_until,
     socks::{self, parse_udp_datagram, udp_datagram, Auth, Target},
-    Daemon, DaemonOpts, DataPath, Pattern, Stats,
+    Daemon, DataPath, Pattern, Stats,
 };
 use rstest::rstest;
 use tokio::net::{TcpStream, UdpSocket};
 
 /// The daemon in the proxy namespace, listening on its client-side address, XDP on p0 and p1.
 fn start(t: &Topology, v6: bool, offload: bool, extra: &str) -> Daemon {
-    let [n4, n6] = t.networks();
-    Daemon::start(DaemonOpts {
-        data_path: DataPath::Auto,
-        listen: vec![SocketAddr::new(t.proxy_ip(v6), 0).to_string()],
-        extra_toml: format!(
-            "allow_clients = [\"{n4}\", \"{n6}\"]\n[udp]\nxdp_interfaces = [\"p0\", \"p1\"]\noffload = {offload}\n{extra}"
-        ),
-        allow_clients: false,
-        wrapper: vec!["nsenter".into(), format!("--net={}", t.proxy.path())],
-        ..DaemonOpts::default()
-    })
+    Daemon::start(t.proxy_daemon(
+        DataPath::Auto,
+        v6,
+        &format!("[udp]\nxdp_interfaces = [\"p0\", \"p1\"]\noffload = {offload}\n{extra}"),
+    ))
 }
 
 /// Gives the proxy one source address towards the target over IPv6, its client-side one (a
