@@ -296,21 +296,11 @@ impl Topology {
     /// returns it: a source address the proxy only uses when told to.
     pub fn add_proxy_alias(&self, v6: bool) -> IpAddr {
         let ip = self.ip(v6, 2, 3);
-        let (prefix, mut extra) = if v6 {
-            (64, vec!["nodad"])
-        } else {
-            (24, vec![])
-        };
-        let cidr = format!("{ip}/{prefix}");
-        let mut args = vec![
-            if v6 { "-6" } else { "-4" },
-            "addr",
-            "add",
-            &cidr,
-            "dev",
-            "p1",
-        ];
-        args.append(&mut extra);
+        let cidr = format!("{ip}/{}", if v6 { 64 } else { 24 });
+        let mut args = vec!["addr", "add", &cidr, "dev", "p1"];
+        if v6 {
+            args.push("nodad");
+        }
         self.proxy.ip(&args);
         ip
     }
