@@ -43,10 +43,6 @@ pub mod sockmap {
     ///   the two meet the verdict redirects again.
     pub const BRAKES: &str = "EBSOCKS_BRAKES";
 
-    /// Name of the hash map `cookie -> `[`BrakeState`], written by the verdict only (the daemon
-    /// creates the zeroed entries).
-    pub const BRAKE_STATE: &str = "EBSOCKS_BRAKE_STATE";
-
     /// Name of the array of kernel structure offsets the verdict needs, written by the daemon
     /// at start-up from the kernel's BTF; see [`LayoutSlot`]. An offset of 0 means unknown.
     pub const LAYOUT: &str = "EBSOCKS_LAYOUT";
@@ -81,7 +77,9 @@ pub mod sockmap {
     }
 
     /// The verdict's own state for a socket: its half of the brake (see [`BRAKES`]) and the
-    /// TCP sequence it has forwarded up to.
+    /// TCP sequence it has forwarded up to. It lives in the socket's entry of the per-socket
+    /// counters (`SessionTraffic::brake`), which the verdict looks up for every skb anyway; the
+    /// daemon creates it zeroed with the entry and only reads it after that.
     ///
     /// The kernel hands the verdict whole skbs from the receive queue (`tcp_read_skb`), and TCP
     /// queues a segment that overlaps bytes already received (a retransmission of partly
@@ -275,10 +273,11 @@ pub mod metrics {
 
     /// Per-socket counters of a spliced session, keyed by the socket's cookie.
     ///
-    /// The daemon inserts the entry (zeroed counters, `session_id`, `direction`) before it puts
-    /// the socket into the sockhash; the verdict program only adds to `bytes`/`packets` with
-    /// atomic adds, so several CPUs may update one entry. Layout read by the daemon and by
-    /// `ebsocks stats`; do not reorder.
+    /// The daemon inserts the entry (`bytes` seeded with what it forwarded itself,
+    /// `session_id`, `direction`, a zeroed `brake`) before it puts the socket into the
+    /// sockhash, and never writes it again; it removes it when the session ends. The verdict
+    /// adds to `bytes`/`packets` with atomic adds, and writes `brake` under the socket's lock
+    /// (one writer at a time). Layout read by the daemon and by `ebsocks stats`; do not reorder.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct SessionTraffic {
@@ -292,6 +291,8 @@ pub mod metrics {
         pub direction: u32,
         /// Reserved, zero.
         pub _pad: u32,
+        /// The verdict's brake and sequence state for this socket.
+        pub brake: crate::sockmap::BrakeState,
     }
 
     /// Daemon event counters, indexes into [`DAEMON_COUNTERS`].

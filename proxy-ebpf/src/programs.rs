@@ -35,10 +35,6 @@ static ACTIVE: SockHash<u64> = SockHash::with_max_entries(SOCKHASH_MAX_ENTRIES, 
 #[map(name = "EBSOCKS_BRAKES")]
 static BRAKES: HashMap<u64, BrakeControl> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
 
-/// `cookie -> this program's brake state`; see `proxy_common::sockmap::BRAKE_STATE`.
-#[map(name = "EBSOCKS_BRAKE_STATE")]
-static BRAKE_STATE: HashMap<u64, BrakeState> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
-
 /// Kernel structure offsets, by `LayoutSlot`; see `proxy_common::sockmap::LAYOUT`.
 #[map(name = "EBSOCKS_LAYOUT")]
 static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_SLOTS, 0);
@@ -47,7 +43,8 @@ static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_SLOTS, 0);
 #[map(name = "EBSOCKS_BRAKE_EVENTS")]
 static BRAKE_EVENTS: RingBuf = RingBuf::with_byte_size(BRAKE_EVENTS_BYTES, 0);
 
-/// Per-socket counters; entries are created and removed by the daemon.
+/// Per-socket counters and this program's brake state (`SessionTraffic::brake`); entries are
+/// created and removed by the daemon.
 #[map(name = "EBSOCKS_SESSIONS")]
 static SESSIONS: HashMap<u64, SessionTraffic> = HashMap::with_max_entries(SESSIONS_MAX_ENTRIES, 0);
 
@@ -146,8 +143,8 @@ fn trim(ctx: &SkBuffContext, mut n: u32) -> bool {
 /// the payload length left (0: nothing new, drop it), or `None` if the repeat could not be cut.
 ///
 /// # Safety
-/// `st` must point to this socket's map value, written only by this program under the socket's
-/// lock.
+/// `st` must point into this socket's map value, written only by this program under the
+/// socket's lock.
 #[inline(always)]
 unsafe fn deduplicate(ctx: &SkBuffContext, st: *mut BrakeState, len: u32) -> Option<u32> {
     let Some((seq, end)) = tcp_range(ctx, len) else {
@@ -218,7 +215,9 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     };
     // SAFETY: the daemon replaces BRAKES entries whole; this run reads one consistent value.
     let control = unsafe { BRAKES.get(&own) }.copied();
-    let state = BRAKE_STATE.get_ptr_mut(&own);
+    // SAFETY: a map value valid for this program run; only this program writes `brake`, under
+    // the socket's lock.
+    let state = session.map(|s| unsafe { &raw mut (*s).brake });
     let len = match state {
         // SAFETY: this socket's value; the verdict runs under the socket's lock.
         Some(st) => match unsafe { deduplicate(ctx, st, len) } {

@@ -22,8 +22,7 @@ use proxy_common::{
         KERNEL_TRAFFIC, SESSIONS, TRAFFIC_SLOTS_MAX,
     },
     sockmap::{
-        BrakeControl, BrakeState, LayoutSlot, ACTIVE, BRAKES, BRAKE_EVENTS, BRAKE_STATE, LAYOUT,
-        PAIRS, VERDICT_PROG,
+        BrakeControl, LayoutSlot, ACTIVE, BRAKES, BRAKE_EVENTS, LAYOUT, PAIRS, VERDICT_PROG,
     },
 };
 
@@ -89,7 +88,6 @@ pub struct Sockmap {
     active: Mutex<SockHash<MapData, u64>>,
     sessions: Mutex<HashMap<MapData, u64, SessionTraffic>>,
     brakes: Mutex<HashMap<MapData, u64, BrakeControl>>,
-    brake_state: Mutex<HashMap<MapData, u64, BrakeState>>,
     brake_events: Mutex<Option<RingBuf<MapData>>>,
     dispatcher: std::sync::OnceLock<Option<std::sync::Arc<BrakeDispatcher>>>,
 }
@@ -329,8 +327,6 @@ impl Kernel {
             .map_err(ebpf_err("opening the sessions map"))?;
         let brakes = HashMap::try_from(take(&mut ebpf, BRAKES)?)
             .map_err(ebpf_err("opening the brakes map"))?;
-        let brake_state = HashMap::try_from(take(&mut ebpf, BRAKE_STATE)?)
-            .map_err(ebpf_err("opening the brake state map"))?;
         let brake_events = RingBuf::try_from(take(&mut ebpf, BRAKE_EVENTS)?)
             .map_err(ebpf_err("opening the brake ring buffer"))?;
         let ktraffic = PerCpuArray::try_from(take(&mut ebpf, KERNEL_TRAFFIC)?)
@@ -367,7 +363,6 @@ impl Kernel {
                 active: Mutex::new(active),
                 sessions: Mutex::new(sessions),
                 brakes: Mutex::new(brakes),
-                brake_state: Mutex::new(brake_state),
                 brake_events: Mutex::new(Some(brake_events)),
                 dispatcher: std::sync::OnceLock::new(),
             },
@@ -546,24 +541,21 @@ impl Sockmap {
             drop(s);
             self.forget_brakes(c, u);
         };
-        // Without its brake entries a socket is simply never braked.
+        // Without its brake entry a socket is simply never braked.
         {
-            let mut st = self.brake_state.lock().expect("brake state lock");
             let mut b = self.brakes.lock().expect("brakes lock");
             for (cookie, checkpoint) in [
                 (c, forwarded_up + BRAKE_STEP),
                 (u, forwarded_down + BRAKE_STEP),
             ] {
-                if st.insert(cookie, BrakeState::default(), 0).is_ok() {
-                    let _ = b.insert(
-                        cookie,
-                        BrakeControl {
-                            checkpoint,
-                            ..Default::default()
-                        },
-                        0,
-                    );
-                }
+                let _ = b.insert(
+                    cookie,
+                    BrakeControl {
+                        checkpoint,
+                        ..Default::default()
+                    },
+                    0,
+                );
             }
         }
 
@@ -669,26 +661,13 @@ impl Sockmap {
             .map_err(map_io("setting a brake"))
     }
 
-    /// The verdict's brake state of a socket: how many bytes it passed to the socket itself.
-    pub fn brake_state(&self, cookie: u64) -> Option<BrakeState> {
-        self.brake_state
-            .lock()
-            .expect("brake state lock")
-            .get(&cookie, 0)
-            .ok()
-    }
-
     fn forget_brakes(&self, c: u64, u: u64) {
         let mut b = self.brakes.lock().expect("brakes lock");
         let _ = b.remove(&c);
         let _ = b.remove(&u);
-        drop(b);
-        let mut st = self.brake_state.lock().expect("brake state lock");
-        let _ = st.remove(&c);
-        let _ = st.remove(&u);
     }
 
-    /// Current counters of one socket of a spliced pair.
+    /// Current counters and brake state of one socket of a spliced pair (one map lookup).
     pub fn traffic(&self, cookie: u64) -> Option<SessionTraffic> {
         self.sessions
             .lock()
@@ -705,10 +684,6 @@ impl Sockmap {
             let mut s = self.sessions.lock().expect("sessions lock");
             cookies.map(|c| take(&mut s, c).unwrap_or_default())
         };
-        let state = {
-            let mut st = self.brake_state.lock().expect("brake state lock");
-            cookies.map(|c| take(&mut st, c).unwrap_or_default())
-        };
         let mut b = self.brakes.lock().expect("brakes lock");
         for c in cookies {
             let _ = b.remove(&c);
@@ -716,7 +691,7 @@ impl Sockmap {
         Finished {
             up,
             down,
-            overlap: state[0].overlap + state[1].overlap,
+            overlap: up.brake.overlap + down.brake.overlap,
         }
     }
 }
@@ -825,7 +800,7 @@ mod tests {
         .unwrap();
         a.write_all(b"two").unwrap();
         assert!(b.read(&mut got).is_err(), "bytes crossed while braked");
-        assert_eq!(sm.brake_state(c).unwrap().passed, 3);
+        assert_eq!(sm.traffic(c).unwrap().brake.passed, 3);
 
         // Released, but "two" is still queued: "three" must wait behind it.
         sm.set_brake(
@@ -840,7 +815,7 @@ mod tests {
         .unwrap();
         a.write_all(b"three").unwrap();
         assert!(b.read(&mut got).is_err(), "bytes overtook the queued ones");
-        assert_eq!(sm.brake_state(c).unwrap().passed, 8);
+        assert_eq!(sm.traffic(c).unwrap().brake.passed, 8);
 
         // The daemon moves the queued bytes itself; after that the kernel redirects again.
         pa.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -862,7 +837,7 @@ mod tests {
         b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         b.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"twothreefour");
-        assert_eq!(sm.brake_state(c).unwrap().passed, 8);
+        assert_eq!(sm.traffic(c).unwrap().brake.passed, 8);
         assert_eq!(sm.traffic(c).unwrap().bytes, 15);
 
         // The last figures come back, and nothing of the pair is left in the maps.
@@ -872,10 +847,6 @@ mod tests {
         assert_eq!(last.overlap, 0);
         for cookie in [c, pair.upstream_cookie] {
             assert!(sm.traffic(cookie).is_none(), "counters of {cookie} left");
-            assert!(
-                sm.brake_state(cookie).is_none(),
-                "brake state of {cookie} left"
-            );
             assert!(
                 sm.brakes.lock().unwrap().get(&cookie, 0).is_err(),
                 "brake control of {cookie} left"

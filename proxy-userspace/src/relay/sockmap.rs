@@ -259,10 +259,7 @@ impl Carry {
         };
         let braking = |cookie, seed| {
             sm.traffic(cookie)
-                .is_some_and(|t| t.bytes >= seed + BRAKE_STEP)
-                || sm
-                    .brake_state(cookie)
-                    .is_some_and(|s| s.seq_known == SEQ_BROKEN)
+                .is_some_and(|t| t.bytes >= seed + BRAKE_STEP || t.brake.seq_known == SEQ_BROKEN)
         };
         closed(&self.client)
             || closed(&self.upstream)
@@ -469,8 +466,10 @@ impl Dir<'_> {
     /// Bytes the kernel took from the source that the destination has not accepted yet, and
     /// the source's byte count.
     fn backlog(&self) -> io::Result<(u64, u64)> {
-        let total = self.sm.traffic(self.src_cookie).map_or(0, |t| t.bytes);
-        let passed = self.sm.brake_state(self.src_cookie).map_or(0, |s| s.passed);
+        let (total, passed) = self
+            .sm
+            .traffic(self.src_cookie)
+            .map_or((0, 0), |t| (t.bytes, t.brake.passed));
         // Bytes that went (or are going) to dst: redirected by the kernel plus moved by us.
         let sent = (total.saturating_sub(self.seed + passed)) + self.control().read;
         let dinfo = sys::tcp_info(self.dst.as_fd())?;
@@ -508,8 +507,8 @@ impl Dir<'_> {
     async fn brake(&self, shared: &Shared) -> io::Result<()> {
         if self
             .sm
-            .brake_state(self.src_cookie)
-            .is_some_and(|s| s.seq_known == SEQ_BROKEN)
+            .traffic(self.src_cookie)
+            .is_some_and(|t| t.brake.seq_known == SEQ_BROKEN)
         {
             return Err(io::Error::other(
                 "a retransmitted segment repeating forwarded bytes could not be cut",
@@ -549,8 +548,8 @@ impl Dir<'_> {
             let read = self.control().read;
             let passed = self
                 .sm
-                .brake_state(self.src_cookie)
-                .map_or(read, |s| s.passed);
+                .traffic(self.src_cookie)
+                .map_or(read, |t| t.brake.passed);
             if passed <= read {
                 return Ok(());
             }
