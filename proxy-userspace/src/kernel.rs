@@ -42,7 +42,7 @@ pub enum KernelError {
     #[error("this binary was built without eBPF programs (AYA_BUILD_SKIP)")]
     NoObject,
     /// Loading the object or a program failed (old kernel, no BTF, missing privileges).
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::with_causes(source.as_ref()))]
     Ebpf {
         /// The step that failed.
         context: &'static str,
@@ -764,13 +764,34 @@ fn probe(sockmap: &Sockmap) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// Needs root and bpffs: skipped otherwise (the privileged suite covers the data path).
+    #[test]
+    fn load_errors_carry_the_system_error() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("failed to create map `M`")]
+        struct Create(#[source] io::Error);
+        let e =
+            ebpf_err("loading the eBPF object")(Create(io::Error::from_raw_os_error(libc::EPERM)));
+        assert_eq!(
+            e.to_string(),
+            "loading the eBPF object: failed to create map `M`: Operation not permitted (os \
+             error 1)"
+        );
+    }
+
+    /// Needs root and bpffs: skipped otherwise, except under `CI=true`, where it must run (the
+    /// privileged suite covers the rest of the data path).
     #[test]
     fn a_braked_socket_keeps_its_bytes_and_releases_them_in_order() {
         let dir = PathBuf::from(format!("/sys/fs/bpf/ebsocks-unit-{}", std::process::id()));
-        let Ok(k) = Kernel::load(&dir) else {
-            eprintln!("SKIP: cannot load the eBPF programs here");
-            return;
+        let k = match Kernel::load(&dir) {
+            Ok(k) => k,
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI=true, and the eBPF programs cannot be loaded: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot load the eBPF programs here: {e}");
+                return;
+            }
         };
         let sm = k.sockmap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

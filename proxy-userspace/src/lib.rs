@@ -579,3 +579,20 @@ async fn reload_loop(
         }
     }
 }
+
+/// `error: cause: cause...`. aya's errors keep the system error (EPERM, E2BIG...) as their
+/// source rather than in their message, and that is the part that tells an operator what to do.
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        // Some errors repeat their source's message in their own.
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = cause.source();
+    }
+    text
+}

@@ -24,7 +24,10 @@ use crate::{
 
 /// Why the counters could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read {map} under {dir}: {source} (is the daemon running with this pin_dir?)")]
+#[error(
+    "cannot read {map} under {dir}: {} (is the daemon running with this pin_dir?)",
+    crate::with_causes(source)
+)]
 pub struct StatsError {
     map: &'static str,
     dir: String,

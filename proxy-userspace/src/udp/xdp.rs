@@ -37,7 +37,7 @@ const MAX_DENIED: usize = 1024;
 
 /// Why the fast path could not be set up. The relay works without it.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {source}")]
+#[error("{context}: {}", crate::with_causes(source.as_ref()))]
 pub struct XdpError {
     /// The step that failed.
     pub context: String,
