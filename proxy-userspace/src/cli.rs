@@ -23,8 +23,12 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
+        /// The TOML file (also accepted as `--config FILE`, as `run` takes it).
+        #[arg(value_name = "FILE", required_unless_present = "config")]
+        file: Option<PathBuf>,
         /// The TOML file.
-        file: PathBuf,
+        #[arg(long, value_name = "FILE", conflicts_with = "file")]
+        config: Option<PathBuf>,
     },
     /// Print the counters of a running daemon (reads its pinned BPF maps, and asks its control
     /// socket about itself).

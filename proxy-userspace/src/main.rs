@@ -13,20 +13,28 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(c) => {
-                print!("{}", c.to_toml());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ebsocks: {}: {e}", file.display());
-                ExitCode::from(2)
-            }
-        },
+        Command::CheckConfig { file, config } => {
+            // clap requires exactly one of the two.
+            let file = file.or(config).unwrap_or_default();
+            check_config(&file)
+        }
         Command::Stats(args) => stats_cmd(&args),
         Command::Sessions(args) => sessions_cmd(&args),
         Command::Run(args) => run(args),
         Command::HashPassword => hash_password(),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            print!("{}", c.to_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ebsocks: {}: {e}", file.display());
+            ExitCode::from(2)
+        }
     }
 }
 

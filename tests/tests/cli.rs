@@ -1,0 +1,57 @@
+//! `ebsocks check-config`, as an operator calls it: the file as an argument or as `--config`
+//! (the way `run` takes it), the effective configuration on success, and on a bad file exit
+//! status 2 with the key and the problem named. Needs no privileges.
+
+use std::process::{Command, Output};
+
+use proxy_integration::daemon::daemon_binary;
+
+fn check_config(args: &[&str]) -> Output {
+    Command::new(daemon_binary())
+        .arg("check-config")
+        .args(args)
+        .output()
+        .expect("run ebsocks check-config")
+}
+
+fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("ebsocks-cli-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+#[test]
+fn check_config_takes_the_file_either_way() {
+    let path = temp_config(
+        "good",
+        "listen = [\"127.0.0.1:1081\"]\ndata_path = \"splice\"\n",
+    );
+    let file = path.to_str().unwrap();
+    for args in [vec![file], vec!["--config", file]] {
+        let out = check_config(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            stdout.contains("127.0.0.1:1081") && stdout.contains("data_path = \"splice\""),
+            "{args:?} printed:\n{stdout}"
+        );
+    }
+    let out = check_config(&[file, "--config", file]);
+    assert!(!out.status.success(), "both forms at once were accepted");
+    let out = check_config(&[]);
+    assert!(!out.status.success(), "no file was accepted");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_key() {
+    let path = temp_config("bad", "[timeouts]\nidle = \"soon\"\n");
+    let out = check_config(&["--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr.contains("`timeouts.idle`") && stderr.contains("\"soon\""),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(path);
+}
