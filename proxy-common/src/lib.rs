@@ -492,11 +492,14 @@ pub mod metrics {
         /// reset, a brake checkpoint or their idle timeout (a gauge; part of the sockmap
         /// sessions active).
         SessionsParked = 94,
+        /// Sockets of a bulk direction on splice(2) or copy whose buffers were fitted to a
+        /// near peer (see the daemon's `relay::buffers`).
+        BuffersFitted = 95,
     }
 
     impl Counter {
         /// Every counter, in index order.
-        pub const ALL: [Self; 95] = [
+        pub const ALL: [Self; 96] = [
             Self::SessionsTotalSockmap,
             Self::SessionsTotalSplice,
             Self::SessionsTotalCopy,
@@ -592,6 +595,7 @@ pub mod metrics {
             Self::SessionsPromoted,
             Self::SockmapOverlapBytes,
             Self::SessionsParked,
+            Self::BuffersFitted,
         ];
 
         /// Name used in stats output.
@@ -623,6 +627,7 @@ pub mod metrics {
                 Self::SessionsPromoted => "sessions_promoted",
                 Self::SockmapOverlapBytes => "sockmap_overlap_bytes",
                 Self::SessionsParked => "sessions_parked",
+                Self::BuffersFitted => "buffers_fitted",
                 Self::SessionsCreatedConnect => "sessions_created_connect",
                 Self::SessionsCreatedBind => "sessions_created_bind",
                 Self::SessionsCreatedUdp => "sessions_created_udp_associate",

@@ -527,6 +527,12 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             &mut enc,
+            "relay_buffers_fitted",
+            "Sockets of a bulk direction on splice(2) or copy whose buffers were fitted to a near peer.",
+            s.counter(Counter::BuffersFitted),
+        )?;
+        counter(
+            &mut enc,
             "relay_promotions",
             "Sessions that began on splice(2) under data_path auto and moved to the in-kernel path.",
             s.counter(Counter::SessionsPromoted),

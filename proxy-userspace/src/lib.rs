@@ -47,7 +47,7 @@ use crate::{
     kernel::Kernel,
     metrics::{Failure, Metrics},
     registry::Registry,
-    relay::{park::Parking, splice::PipePool, watch::Watcher},
+    relay::{buffers::Buffers, park::Parking, splice::PipePool, watch::Watcher},
 };
 
 /// State shared by every session.
@@ -66,6 +66,8 @@ pub struct Shared {
     pub xdp: Option<udp::xdp::XdpPlane>,
     /// Pipes for the splice(2) path.
     pub pipes: PipePool,
+    /// Socket buffer sizes per data path, within this system's limits.
+    pub buffers: Buffers,
     /// End-of-stream watcher for spliced sockets.
     pub watcher: Arc<Watcher>,
     /// Sessions the kernel carries, while they wait without a task.
@@ -344,6 +346,7 @@ pub async fn run(
         sockmap_ok,
         xdp,
         pipes: PipePool::default(),
+        buffers: Buffers::from_system(),
         watcher,
         parking: Arc::default(),
         auth_failures: FailureTracker::new(),

@@ -20,8 +20,8 @@ fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
     usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
-/// The leading part of Linux's `struct tcp_info` (uapi/linux/tcp.h), up to `tcpi_bytes_received`
-/// (Linux 4.1+). Layout must match the kernel's; do not reorder.
+/// The leading part of Linux's `struct tcp_info` (uapi/linux/tcp.h), up to `tcpi_min_rtt`
+/// (Linux 4.9+). Layout must match the kernel's; do not reorder.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TcpInfo {
@@ -41,6 +41,9 @@ pub struct TcpInfo {
     pub bytes_acked: u64,
     /// Bytes received, counting a received FIN as one (RFC 4898 tcpEStatsAppHCThruOctetsReceived).
     pub bytes_received: u64,
+    _segs_notsent: [u32; 3],
+    /// Lowest round trip seen, in microseconds; `u32::MAX` before the first sample.
+    pub min_rtt_us: u32,
 }
 
 /// Reads `TCP_INFO`. Fields past what the kernel fills stay zero.
@@ -94,7 +97,8 @@ pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     Ok((v != 0).then(|| io::Error::from_raw_os_error(v)))
 }
 
-fn getsockopt_int(
+/// Reads an integer socket option.
+pub fn getsockopt_int(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     opt: libc::c_int,

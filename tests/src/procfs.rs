@@ -145,3 +145,40 @@ pub async fn wait_bpf_gone(objs: &BpfObjects, limit: Duration, what: &str) {
     })
     .await;
 }
+
+/// Receive and send buffer sizes (`SO_RCVBUF`, `SO_SNDBUF` as the kernel keeps them) of the
+/// established TCP socket bound to `local` and connected to `peer`, from `ss -tm`; None when
+/// there is no such socket.
+pub fn tcp_buffers(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", "src"])
+        .arg(local.to_string())
+        .arg("dst")
+        .arg(peer.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("run ss: {e}"));
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mem = text.split("skmem:(").nth(1)?;
+    let field = |name: &str| -> u64 {
+        mem.split([',', ')'])
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ss output: {text}"))
+    };
+    Some((field("rb"), field("tb")))
+}
+
+/// An integer under /proc/sys (e.g. `net/core/wmem_max`); for a vector, its last value.
+pub fn sysctl(path: &str) -> u64 {
+    let full = format!("/proc/sys/{path}");
+    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("read {full}: {e}"));
+    text.split_whitespace()
+        .last()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{full}: {text:?}"))
+}

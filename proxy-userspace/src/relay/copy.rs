@@ -15,8 +15,12 @@ use tokio::{
     },
 };
 
-use super::{idle_watch, End, Outcome};
-use crate::{metrics::Metrics, registry::ByteCounters, sys, Shared};
+use super::{
+    idle_watch,
+    splice::{fit, SMALL_CHUNK},
+    End, Outcome,
+};
+use crate::{registry::ByteCounters, sys, Shared};
 
 /// Buffer per direction; 64 KiB measured well ahead of 8 KiB on loopback.
 const BUF: usize = 64 * 1024;
@@ -38,8 +42,8 @@ pub async fn relay(
     let end = tokio::select! {
         res = async {
             tokio::try_join!(
-                one_way(&mut cr, &mut uw, &shared.metrics, Direction::Up, up),
-                one_way(&mut ur, &mut cw, &shared.metrics, Direction::Down, down),
+                one_way(shared, &mut cr, &mut uw, Direction::Up, up),
+                one_way(shared, &mut ur, &mut cw, Direction::Down, down),
             )
         } => match res {
             Ok(_) => End::Eof,
@@ -67,13 +71,15 @@ pub fn abort(client: &TcpStream, upstream: &TcpStream) {
 }
 
 async fn one_way(
+    shared: &Shared,
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
-    metrics: &Metrics,
     dir: Direction,
     total: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; BUF];
+    // The direction's sockets get bulk buffer sizes at its first large read.
+    let mut fitted = false;
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
@@ -82,6 +88,10 @@ async fn one_way(
         }
         to.write_all(&buf[..n]).await?;
         total.fetch_add(n as u64, Relaxed);
-        metrics.add_traffic(DataPath::Copy, dir, n as u64);
+        shared.metrics.add_traffic(DataPath::Copy, dir, n as u64);
+        if !fitted && n >= SMALL_CHUNK {
+            fitted = true;
+            fit(shared, from.as_ref(), to.as_ref(), false);
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! the in-kernel sockhash redirect ([`sockmap`]), splice(2) through a pipe ([`splice`]), or a
 //! userspace copy ([`copy`]). [`relay`] picks the path and falls back per session.
 
+pub mod buffers;
 pub mod copy;
 pub mod park;
 pub mod quiet;

@@ -31,7 +31,8 @@ use super::{
 use crate::{
     kernel::{BrakeWatch, Sockmap, SpliceError, SplicedPair, BRAKE_STEP},
     metrics::OwnedActiveGuard,
-    sys, Shared,
+    sys::{self, TcpInfo},
+    Shared,
 };
 
 /// `TCP_CLOSE` in `tcpi_state`.
@@ -52,8 +53,8 @@ pub struct Fallback {
 
 /// Everything ever written into a socket's send queue: acknowledged bytes plus those still
 /// queued. Only the daemon and the redirect write to it, so it grows exactly by what they write.
-fn sent_total(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(sys::tcp_info(fd)?.bytes_acked + sys::outq(fd)?)
+fn sent_total(fd: BorrowedFd<'_>, info: &TcpInfo) -> io::Result<u64> {
+    Ok(info.bytes_acked + sys::outq(fd)?)
 }
 
 /// What handing a pair to the sockhash led to.
@@ -141,7 +142,14 @@ pub async fn hand_over(
             consumed,
         });
     }
-    let baselines = sent_total(client.as_fd()).and_then(|c| Ok((c, sent_total(upstream.as_fd())?)));
+    let baselines = (|| {
+        let (c, u) = (client.as_fd(), upstream.as_fd());
+        let info = (sys::tcp_info(c)?, sys::tcp_info(u)?);
+        // The kernel path's buffer sizes, in place before its first byte.
+        shared.buffers.for_kernel(c, &info.0);
+        shared.buffers.for_kernel(u, &info.1);
+        io::Result::Ok((sent_total(c, &info.0)?, sent_total(u, &info.1)?))
+    })();
     let sent0 = match baselines {
         Ok(b) => b,
         Err(source) => {

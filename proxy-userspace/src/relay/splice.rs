@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::metrics::{DataPath, Direction};
+use proxy_common::metrics::{Counter, DataPath, Direction};
 use tokio::{io::Interest, net::TcpStream, sync::watch};
 
 use super::{copy::abort, idle_watch, End, Outcome};
@@ -65,8 +65,9 @@ impl PipePool {
 }
 
 /// A chunk below this size (one splice(2) call's worth) is the mark of request/response or
-/// interactive traffic; a bulk stream on a fast path moves tens of KiB per wake-up.
-const SMALL_CHUNK: usize = 16 * 1024;
+/// interactive traffic; a bulk stream on a fast path moves tens of KiB per wake-up, and its
+/// first such chunk fits the direction's socket buffers (see [`super::buffers`]).
+pub(super) const SMALL_CHUNK: usize = 16 * 1024;
 /// Consecutive small chunks (both directions together) after which a session is promoted.
 pub const PROMOTE_STREAK: u32 = 16;
 /// A session that moved nothing for this long is promoted.
@@ -174,13 +175,11 @@ pub async fn relay(
 ) -> Spliced {
     let (up, down) = (&bytes.up, &bytes.down);
     let activity = || up.load(Relaxed) + down.load(Relaxed);
-    let pool = &shared.pipes;
-    let metrics = &shared.metrics;
     let end = tokio::select! {
         res = async {
             let (u, d) = tokio::try_join!(
-                one_way(&client, &upstream, pool, metrics, Direction::Up, up, promotion),
-                one_way(&upstream, &client, pool, metrics, Direction::Down, down, promotion),
+                one_way(shared, &client, &upstream, Direction::Up, up, promotion),
+                one_way(shared, &upstream, &client, Direction::Down, down, promotion),
             )?;
             if u == Flow::Promote && d == Flow::Promote {
                 return Ok(None);
@@ -188,8 +187,8 @@ pub async fn relay(
             // One side reached end of file while the promotion was asked for: the session
             // stays here and the other side goes on.
             tokio::try_join!(
-                resume(u, &client, &upstream, pool, metrics, Direction::Up, up),
-                resume(d, &upstream, &client, pool, metrics, Direction::Down, down),
+                resume(shared, u, &client, &upstream, Direction::Up, up),
+                resume(shared, d, &upstream, &client, Direction::Down, down),
             )?;
             Ok(Some(End::Eof))
         } => match res {
@@ -226,31 +225,32 @@ async fn promote_when_idle(
 
 /// Runs a direction that stopped for a promotion to its end, without promotion.
 async fn resume(
+    shared: &Shared,
     flow: Flow,
     from: &TcpStream,
     to: &TcpStream,
-    pool: &PipePool,
-    metrics: &Metrics,
     dir: Direction,
     total: &AtomicU64,
 ) -> io::Result<()> {
     if flow == Flow::Promote {
-        one_way(from, to, pool, metrics, dir, total, None).await?;
+        one_way(shared, from, to, dir, total, None).await?;
     }
     Ok(())
 }
 
 async fn one_way(
+    shared: &Shared,
     from: &TcpStream,
     to: &TcpStream,
-    pool: &PipePool,
-    metrics: &Metrics,
     dir: Direction,
     total: &AtomicU64,
     promotion: Option<&Promotion>,
 ) -> io::Result<Flow> {
+    let (pool, metrics) = (&shared.pipes, &shared.metrics);
     // Taken at the first payload, so that an idle session holds no pipe.
     let mut pipe: Option<Pipe> = None;
+    // The direction's sockets get bulk buffer sizes at its first large chunk.
+    let mut fitted = false;
     let result = async {
         loop {
             match promotion {
@@ -310,6 +310,10 @@ async fn one_way(
             }
             total.fetch_add(n as u64, Relaxed);
             metrics.add_traffic(DataPath::Splice, dir, n as u64);
+            if !fitted && n >= SMALL_CHUNK {
+                fitted = true;
+                fit(shared, from, to, promotion.is_some());
+            }
             if let Some(pr) = promotion {
                 pr.observe(n);
             }
@@ -321,6 +325,14 @@ async fn one_way(
         pool.put(p);
     }
     result
+}
+
+/// A direction started moving bulk: fits its sockets' buffers (see [`super::buffers`]).
+pub(super) fn fit(shared: &Shared, from: &TcpStream, to: &TcpStream, promotable: bool) {
+    let n = shared.buffers.fit(from.as_fd(), to.as_fd(), promotable);
+    if n > 0 {
+        shared.metrics.add(Counter::BuffersFitted, n);
+    }
 }
 
 /// Buffer of a direction that copies because it could not have a pipe.
