@@ -137,6 +137,18 @@ mod tests {
         assert_eq!(Buffers::new(None, None, None), Buffers::default());
     }
 
+    #[test]
+    fn only_a_measured_short_round_trip_is_near() {
+        let with = |min_rtt_us| {
+            let mut i = TcpInfo::default();
+            i.min_rtt_us = min_rtt_us;
+            near(&i)
+        };
+        assert!(with(1) && with(NEAR_RTT_US));
+        // A LAN hop, a WAN path, no sample yet (the kernel's ~0), a kernel without the field.
+        assert!(!with(NEAR_RTT_US + 1) && !with(20_000) && !with(u32::MAX) && !with(0));
+    }
+
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
