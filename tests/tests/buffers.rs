@@ -61,22 +61,14 @@ impl Pair {
         (get(self.daemon_client), get(self.daemon_upstream))
     }
 
+    /// [`BULK`] bytes client -> target, checked at the target.
     async fn upload(&mut self, seed: u64) {
-        let (c, t) = (&mut self.client, &mut self.target);
-        within(LIMIT, "upload", async {
-            tokio::try_join!(send_pattern(c, seed, BULK), recv_exact(t, seed, BULK))
-        })
-        .await
-        .unwrap_or_else(|e| panic!("upload: {e}"));
+        transfer(&mut self.client, &mut self.target, seed, "upload").await;
     }
 
+    /// [`BULK`] bytes target -> client, checked at the client.
     async fn download(&mut self, seed: u64) {
-        let (c, t) = (&mut self.client, &mut self.target);
-        within(LIMIT, "download", async {
-            tokio::try_join!(send_pattern(t, seed, BULK), recv_exact(c, seed, BULK))
-        })
-        .await
-        .unwrap_or_else(|e| panic!("download: {e}"));
+        transfer(&mut self.target, &mut self.client, seed, "download").await;
     }
 
     /// 64-byte requests, each answered before the next.
@@ -96,6 +88,14 @@ impl Pair {
         })
         .await;
     }
+}
+
+async fn transfer(from: &mut TcpStream, to: &mut TcpStream, seed: u64, what: &str) {
+    within(LIMIT, what, async {
+        tokio::try_join!(send_pattern(from, seed, BULK), recv_exact(to, seed, BULK))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 /// The size the kernel keeps for a request of `want` under the maximum at `max` (`SO_RCVBUF`

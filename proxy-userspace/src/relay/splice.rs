@@ -175,11 +175,14 @@ pub async fn relay(
 ) -> Spliced {
     let (up, down) = (&bytes.up, &bytes.down);
     let activity = || up.load(Relaxed) + down.load(Relaxed);
+    // Whether each direction has fitted its sockets' buffers, across a promotion that did not
+    // happen.
+    let (fit_up, fit_down) = (AtomicBool::new(false), AtomicBool::new(false));
     let end = tokio::select! {
         res = async {
             let (u, d) = tokio::try_join!(
-                one_way(shared, &client, &upstream, Direction::Up, up, promotion),
-                one_way(shared, &upstream, &client, Direction::Down, down, promotion),
+                one_way(shared, &client, &upstream, Direction::Up, up, &fit_up, promotion),
+                one_way(shared, &upstream, &client, Direction::Down, down, &fit_down, promotion),
             )?;
             if u == Flow::Promote && d == Flow::Promote {
                 return Ok(None);
@@ -187,8 +190,8 @@ pub async fn relay(
             // One side reached end of file while the promotion was asked for: the session
             // stays here and the other side goes on.
             tokio::try_join!(
-                resume(shared, u, &client, &upstream, Direction::Up, up),
-                resume(shared, d, &upstream, &client, Direction::Down, down),
+                resume(shared, u, &client, &upstream, Direction::Up, up, &fit_up),
+                resume(shared, d, &upstream, &client, Direction::Down, down, &fit_down),
             )?;
             Ok(Some(End::Eof))
         } => match res {
@@ -231,9 +234,10 @@ async fn resume(
     to: &TcpStream,
     dir: Direction,
     total: &AtomicU64,
+    fitted: &AtomicBool,
 ) -> io::Result<()> {
     if flow == Flow::Promote {
-        one_way(shared, from, to, dir, total, None).await?;
+        one_way(shared, from, to, dir, total, fitted, None).await?;
     }
     Ok(())
 }
@@ -244,13 +248,12 @@ async fn one_way(
     to: &TcpStream,
     dir: Direction,
     total: &AtomicU64,
+    fitted: &AtomicBool,
     promotion: Option<&Promotion>,
 ) -> io::Result<Flow> {
     let (pool, metrics) = (&shared.pipes, &shared.metrics);
     // Taken at the first payload, so that an idle session holds no pipe.
     let mut pipe: Option<Pipe> = None;
-    // The direction's sockets get bulk buffer sizes at its first large chunk.
-    let mut fitted = false;
     let result = async {
         loop {
             match promotion {
@@ -310,8 +313,8 @@ async fn one_way(
             }
             total.fetch_add(n as u64, Relaxed);
             metrics.add_traffic(DataPath::Splice, dir, n as u64);
-            if !fitted && n >= SMALL_CHUNK {
-                fitted = true;
+            // The direction's sockets get bulk buffer sizes at its first large chunk.
+            if n >= SMALL_CHUNK && !fitted.swap(true, Relaxed) {
                 fit(shared, from, to, promotion.is_some());
             }
             if let Some(pr) = promotion {
