@@ -64,7 +64,7 @@ pub struct RunArgs {
 /// `--data-path` values.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum DataPathArg {
-    /// sockmap when available, else splice.
+    /// splice(2) first; interactive and idle sessions move into the sockhash.
     Auto,
     /// In-kernel sockhash redirect.
     Sockmap,

@@ -146,12 +146,11 @@ pub async fn wait_bpf_gone(objs: &BpfObjects, limit: Duration, what: &str) {
     .await;
 }
 
-/// Receive and send buffer sizes (`SO_RCVBUF`, `SO_SNDBUF` as the kernel keeps them) of the
-/// established TCP socket bound to `local` and connected to `peer`, from `ss -tm`; None when
-/// there is no such socket.
-pub fn tcp_buffers(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<(u64, u64)> {
+/// `ss` about the established TCP socket bound to `local` and connected to `peer` (`opts`:
+/// what to show, e.g. `-m`), as text; empty when there is no such socket.
+fn ss(opts: &str, local: std::net::SocketAddr, peer: std::net::SocketAddr) -> String {
     let out = std::process::Command::new("ss")
-        .args(["-tmnH", "state", "established", "src"])
+        .args(["-tnH", opts, "state", "established", "src"])
         .arg(local.to_string())
         .arg("dst")
         .arg(peer.to_string())
@@ -162,7 +161,14 @@ pub fn tcp_buffers(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> O
         "ss: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Receive and send buffer sizes (`SO_RCVBUF`, `SO_SNDBUF` as the kernel keeps them) of the
+/// established TCP socket bound to `local` and connected to `peer`, from `ss -tm`; None when
+/// there is no such socket.
+pub fn tcp_buffers(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<(u64, u64)> {
+    let text = ss("-m", local, peer);
     let mem = text.split("skmem:(").nth(1)?;
     let field = |name: &str| -> u64 {
         mem.split([',', ')'])
@@ -171,6 +177,23 @@ pub fn tcp_buffers(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> O
             .unwrap_or_else(|| panic!("no {name} in ss output: {text}"))
     };
     Some((field("rb"), field("tb")))
+}
+
+/// Segments sent and received (`tcpi_segs_out`, `tcpi_segs_in`: every segment, pure
+/// acknowledgements and the handshake included) by the established TCP socket bound to `local`
+/// and connected to `peer`, from `ss -ti`; None when there is no such socket.
+pub fn tcp_segments(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<(u64, u64)> {
+    let text = ss("-i", local, peer);
+    if text.trim().is_empty() {
+        return None;
+    }
+    let field = |name: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ss output: {text}"))
+    };
+    Some((field("segs_out:"), field("segs_in:")))
 }
 
 /// An integer under /proc/sys (e.g. `net/core/wmem_max`); for a vector, its last value.
