@@ -99,13 +99,31 @@ fn uname() -> (String, String, String) {
     (field(&u.release), field(&u.machine), field(&u.nodename))
 }
 
-/// Busy time of the whole machine in seconds: every field of the aggregate `cpu` line of
-/// /proc/stat except idle and iowait (user, nice, system, irq, softirq, steal; guest time is
-/// already part of user).
-pub fn machine_busy_seconds() -> f64 {
+/// CPU time of the whole machine, from the `cpu` lines of /proc/stat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    /// Seconds the CPUs worked: user, nice, system, irq and softirq (guest time is already
+    /// part of user); idle, iowait and steal are not work.
+    pub busy_s: f64,
+    /// Seconds a virtual CPU was ready to run while its host ran something else (steal): no
+    /// work of this machine's, but every figure measured meanwhile is slowed by it.
+    pub steal_s: f64,
+    /// CPUs counted (`cpuN` lines).
+    pub cpus: usize,
+}
+
+pub fn machine_cpu() -> MachineCpu {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    parse_machine_cpu(&stat)
+}
+
+fn parse_machine_cpu(stat: &str) -> MachineCpu {
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
+        return MachineCpu::default();
     };
     let v: Vec<u64> = line
         .split_whitespace()
@@ -114,8 +132,17 @@ pub fn machine_busy_seconds() -> f64 {
         .collect();
     let get = |i: usize| v.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal guest guest_nice
-    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
-    busy as f64 / clock_ticks()
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6);
+    MachineCpu {
+        busy_s: busy as f64 / clock_ticks(),
+        steal_s: get(7) as f64 / clock_ticks(),
+        cpus,
+    }
+}
+
+/// Busy time of the whole machine in seconds ([`MachineCpu::busy_s`]).
+pub fn machine_busy_seconds() -> f64 {
+    machine_cpu().busy_s
 }
 
 /// A `kB` field of /proc/meminfo (e.g. `SUnreclaim`), in KiB.
@@ -301,4 +328,25 @@ pub fn utc_now() -> String {
         (tod % 3600) / 60,
         tod % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_not_work() {
+        let stat = "cpu  100 5 200 900 7 3 20 50 11 0\n\
+                    cpu0 50 2 100 450 3 1 10 25 5 0\n\
+                    cpu1 50 3 100 450 4 2 10 25 6 0\n\
+                    intr 12345\n\
+                    ctxt 678\n";
+        let m = parse_machine_cpu(stat);
+        let hz = clock_ticks();
+        assert_eq!(m.cpus, 2);
+        // user + nice + system + irq + softirq; guest is inside user.
+        assert!((m.busy_s - 328.0 / hz).abs() < 1e-9, "{m:?}");
+        assert!((m.steal_s - 50.0 / hz).abs() < 1e-9, "{m:?}");
+        assert_eq!(parse_machine_cpu("").cpus, 0);
+    }
 }

@@ -38,6 +38,9 @@ impl Stat {
     }
 }
 
+/// Steal (the share of CPU time a VM's host took) from which a cell says so in its notes.
+const STEAL_NOTE_PERCENT: f64 = 5.0;
+
 /// Every figure of one (subject, workload) pair.
 #[derive(Debug, Clone, Serialize)]
 pub struct Cell {
@@ -56,8 +59,10 @@ pub struct Cell {
     pub cpu_unit: &'static str,
     /// Server CPU per GiB received (bulk) or per request / session; median over runs.
     pub daemon_cpu: Option<Stat>,
-    /// Whole-machine busy CPU in the same unit.
+    /// Whole-machine busy CPU in the same unit (steal excluded).
     pub machine_cpu: Option<Stat>,
+    /// Percent of the machine's CPU time its host took during the runs (steal).
+    pub steal_percent: Option<Stat>,
     /// Highest peak RSS of the server's processes over the runs, KiB.
     pub daemon_peak_rss_kib: Option<u64>,
     /// `fair-1000`: Jain's fairness index over the sessions.
@@ -204,6 +209,13 @@ impl Cell {
         }
         let idle_samples: Vec<&IdleSample> = runs.iter().filter_map(|r| r.idle.as_ref()).collect();
         notes.extend(IdleStats::notes(&idle_samples));
+        let steal_percent = Stat::of(runs.iter().filter_map(|r| r.steal_share.map(|x| 100.0 * x)));
+        if let Some(st) = steal_percent.filter(|st| st.median >= STEAL_NOTE_PERCENT) {
+            notes.push(format!(
+                "the host took {:.0} % of the CPU time (steal, median)",
+                st.median
+            ));
+        }
         if !failed_runs.is_empty() {
             notes.push(format!(
                 "{} of {} run(s) failed: {}",
@@ -232,6 +244,7 @@ impl Cell {
                 runs.iter()
                     .filter_map(|r| r.cpu_per_unit(m, r.machine_cpu_s)),
             ),
+            steal_percent,
             daemon_peak_rss_kib: runs.iter().filter_map(|r| r.daemon_peak_rss_kib).max(),
             jain_index: Stat::of(runs.iter().filter_map(|r| r.jain_index)),
             min_share: Stat::of(runs.iter().filter_map(|r| r.min_share)),
@@ -299,6 +312,18 @@ impl Report {
         }
     }
 
+    /// Steal over every measured window of every run, weighted by the window's length.
+    pub fn steal_percent(&self) -> Option<f64> {
+        let (mut stolen, mut total) = (0.0, 0.0);
+        for r in self.results.iter().flat_map(|c| &c.runs) {
+            if let Some(x) = r.steal_share {
+                stolen += x * r.window_s;
+                total += r.window_s;
+            }
+        }
+        (total > 0.0).then(|| 100.0 * stolen / total)
+    }
+
     fn cell(&self, subject: &str, workload: &str) -> Option<&Cell> {
         self.results
             .iter()
@@ -322,7 +347,9 @@ impl Report {
              median of {} run(s) of {} s (after {} s of warm-up), min–max beside it; × direct is the ratio to \
              the direct connection measured in the same invocation. Server CPU = user + system time of the \
              server's processes; machine CPU = all busy time of the machine (including softirq, the load \
-             generator and the targets) in the same window; per GiB received for bulk, per request / session \
+             generator and the targets) in the same window, not counting steal (time a VM's host ran \
+             something else, which slows every figure but is no work of this machine's; it is given \
+             apart); per GiB received for bulk, per request / session \
              otherwise (server CPU is counted in 1/{} s ticks, so a server that does next to nothing shows 0). \
              Peak RSS = VmHWM during the run, summed over the server's processes.{}\n",
             s.repeat,
@@ -331,6 +358,17 @@ impl Report {
             crate::procfs::clock_ticks(),
             if self.interrupted { " **Interrupted: figures are partial.**" } else { "" }
         );
+        if let Some(steal) = self.steal_percent() {
+            let _ = writeln!(
+                o,
+                "Host steal during the measured windows: {steal:.1} % of the CPU time{}.\n",
+                if steal >= STEAL_NOTE_PERCENT {
+                    "; cells where it reached 5 % say so in their notes"
+                } else {
+                    ""
+                }
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(o, "Note: {n}\n");
         }

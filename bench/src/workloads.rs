@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 
 use crate::idle::IdleSample;
-use crate::procfs::machine_busy_seconds;
+use crate::procfs::machine_cpu;
 use crate::socks;
 use crate::subjects::Subject;
 use crate::targets::{pattern, Meter, Target, TargetKind, BULK_BUF};
@@ -285,8 +285,10 @@ pub struct RunSample {
     pub p99_us: Option<f64>,
     /// User + system CPU seconds of the server's processes in the window.
     pub daemon_cpu_s: Option<f64>,
-    /// Busy CPU seconds of the whole machine in the window.
+    /// Busy CPU seconds of the whole machine in the window (steal excluded).
     pub machine_cpu_s: f64,
+    /// Share of the machine's CPU time in the window that its host took (steal), 0 to 1.
+    pub steal_share: Option<f64>,
     /// Peak RSS of the server's processes during the run (sum of VmHWM), KiB.
     pub daemon_peak_rss_kib: Option<u64>,
     pub errors: u64,
@@ -516,7 +518,9 @@ pub fn run_once(
     let mut s = RunSample {
         window_s,
         ops,
-        machine_cpu_s: b.machine_cpu_s - a.machine_cpu_s,
+        machine_cpu_s: b.machine.busy_s - a.machine.busy_s,
+        steal_share: (window_s > 0.0 && b.machine.cpus > 0)
+            .then(|| (b.machine.steal_s - a.machine.steal_s) / (window_s * b.machine.cpus as f64)),
         daemon_cpu_s: a
             .daemon_cpu_s
             .zip(b.daemon_cpu_s)
@@ -594,7 +598,7 @@ struct Snap {
     bytes: Vec<u64>,
     ops: u64,
     daemon_cpu_s: Option<f64>,
-    machine_cpu_s: f64,
+    machine: crate::procfs::MachineCpu,
 }
 
 impl Snap {
@@ -602,7 +606,7 @@ impl Snap {
         // The /proc scan for the server's processes is the slow part: do it first, so that the
         // counters and the clock are read as close together as possible.
         let daemon_cpu_s = tree.map(|t| t.cpu_seconds());
-        let machine_cpu_s = machine_busy_seconds();
+        let machine = machine_cpu();
         let bytes = meter.snapshot();
         let ops = shared.ops.load(Ordering::SeqCst);
         Snap {
@@ -610,7 +614,7 @@ impl Snap {
             bytes,
             ops,
             daemon_cpu_s,
-            machine_cpu_s,
+            machine,
         }
     }
 }
