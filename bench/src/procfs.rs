@@ -112,6 +112,7 @@ pub struct MachineCpu {
     pub cpus: usize,
 }
 
+/// The machine's CPU time so far.
 pub fn machine_cpu() -> MachineCpu {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     parse_machine_cpu(&stat)

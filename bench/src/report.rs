@@ -363,9 +363,9 @@ impl Report {
                 o,
                 "Host steal during the measured windows: {steal:.1} % of the CPU time{}.\n",
                 if steal >= STEAL_NOTE_PERCENT {
-                    "; cells where it reached 5 % say so in their notes"
+                    format!("; cells where it reached {STEAL_NOTE_PERCENT} % say so in their notes")
                 } else {
-                    ""
+                    String::new()
                 }
             );
         }
