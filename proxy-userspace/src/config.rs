@@ -28,7 +28,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPathMode {
-    /// sockmap when the kernel supports it, else splice.
+    /// splice(2) first; interactive and idle sessions move into the sockhash when the kernel
+    /// supports it.
     Auto,
     /// In-kernel sockhash redirect.
     Sockmap,
