@@ -149,19 +149,20 @@ pub async fn wait_bpf_gone(objs: &BpfObjects, limit: Duration, what: &str) {
 /// `ss` about the established TCP socket bound to `local` and connected to `peer` (`opts`:
 /// what to show, e.g. `-m`), as text; empty when there is no such socket.
 fn ss(opts: &str, local: std::net::SocketAddr, peer: std::net::SocketAddr) -> String {
-    let out = std::process::Command::new("ss")
-        .args(["-tnH", opts, "state", "established", "src"])
-        .arg(local.to_string())
-        .arg("dst")
-        .arg(peer.to_string())
-        .output()
-        .unwrap_or_else(|e| panic!("run ss: {e}"));
-    assert!(
-        out.status.success(),
-        "ss: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (local, peer) = (local.to_string(), peer.to_string());
+    crate::util::run(
+        "ss",
+        &[
+            "-tnH",
+            opts,
+            "state",
+            "established",
+            "src",
+            &local,
+            "dst",
+            &peer,
+        ],
+    )
 }
 
 /// Receive and send buffer sizes (`SO_RCVBUF`, `SO_SNDBUF` as the kernel keeps them) of the

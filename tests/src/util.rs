@@ -1,6 +1,10 @@
 //! Small helpers that keep every test bounded in time.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 /// Awaits `fut` for at most `limit`, panicking with `what` on timeout.
 ///
@@ -109,4 +113,20 @@ pub async fn assert_no_connection(l: &tokio::net::TcpListener, wait: Duration, w
     if let Ok(Ok((_, from))) = tokio::time::timeout(wait, l.accept()).await {
         panic!("{what}: the target got a connection from {from}, expected none");
     }
+}
+
+/// Runs `program` with `args` (no input) and returns its standard output; panics, with its
+/// error output, if it cannot run or fails.
+pub fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(program: &str, args: &[S]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
