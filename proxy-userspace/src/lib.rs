@@ -267,6 +267,9 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    // Accepted sockets inherit TCP_NODELAY: replies and relayed chunks are never held back
+    // waiting for an acknowledgement, and no session pays a setsockopt(2) for it.
+    sock.set_nodelay(true)?;
     sock.bind(addr)?;
     let listener = sock.listen(1024)?;
     // Accepted sockets inherit delayed acknowledgements from the listener, so the client's
@@ -605,4 +608,21 @@ pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
         next = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test(flavor = "current_thread")]
+    async fn accepted_sockets_start_with_nodelay() {
+        let listener = super::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(
+            accepted.nodelay().unwrap(),
+            "an accepted socket must not need its own TCP_NODELAY"
+        );
+        // Only the listener's own sockets: a socket the test made has the kernel's default.
+        assert!(!client.nodelay().unwrap());
+    }
 }

@@ -56,8 +56,7 @@ impl Cells {
 
     /// Maps a `BPF_F_MMAPABLE` array of `len` 8-byte cells.
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page = crate::sys::page_size();
         let bytes = (len * 8).div_ceil(page) * page;
         // SAFETY: a fresh shared mapping of the map's value area; checked below.
         let p = unsafe {

@@ -835,7 +835,7 @@ async fn serve(
         Ok(t) => t,
         Err((reply, e)) => return replier.refuse(&mut client, reply, e).await,
     };
-    let _ = client.set_nodelay(true);
+    // The client socket has TCP_NODELAY from its listener (`bind`).
     let upstream = match n.command {
         acl::Command::Connect => {
             session.set_state(State::Connecting);

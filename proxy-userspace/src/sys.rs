@@ -232,6 +232,12 @@ pub fn bpf_map_take<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K) -> io::Resul
     Ok(Some(unsafe { value.assume_init() }))
 }
 
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
 /// A non-blocking, close-on-exec pipe: `(read end, write end)`.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];

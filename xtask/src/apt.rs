@@ -43,6 +43,11 @@ const APT_PACKAGES: &[AptPackage] = &[
         name: "python3-socks",
         optional: false,
     },
+    // `strace -c`: the system calls a short session costs the daemon (tests/tests/syscalls.rs).
+    AptPackage {
+        name: "strace",
+        optional: false,
+    },
     // `ps`, `pgrep`, `sysctl`.
     AptPackage {
         name: "procps",

@@ -39,12 +39,14 @@ pub const QUIET_AFTER: Duration = Duration::from_millis(10);
 /// Waits up to [`QUIET_AFTER`] for either socket's first input (payload, end of stream, an
 /// error) without reading it. False: nothing came.
 pub async fn first_payload(client: &TcpStream, upstream: &TcpStream) -> bool {
-    let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
-    // peek(2) consumes nothing, and a socket that has nothing clears its readiness, so that
-    // readiness left over from the negotiation's reads does not count as input.
+    // No readiness is left over from the negotiation, so readiness is input and no peek(2) is
+    // needed to tell: the negotiation's last read from the client was shorter than its buffer
+    // (payload behind the request does not come here), which clears the client's readiness, and
+    // the upstream has not been read. A request that filled the read buffer exactly leaves it
+    // set: that session is relayed at once instead of waiting parked.
     tokio::select! {
-        _ = client.peek(&mut a) => true,
-        _ = upstream.peek(&mut b) => true,
+        _ = client.readable() => true,
+        _ = upstream.readable() => true,
         () = tokio::time::sleep(QUIET_AFTER) => false,
     }
 }

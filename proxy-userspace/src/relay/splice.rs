@@ -35,6 +35,9 @@ pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
     cap: usize,
+    /// Its slots (one page each): every slot the splice(2) from a socket fills holds at least
+    /// one byte, so fewer bytes than this cannot have filled the pipe.
+    slots: usize,
 }
 
 /// Reusable empty pipes, so that short sessions do not pay for pipe2 + F_SETPIPE_SZ.
@@ -52,7 +55,8 @@ impl PipePool {
         // The kernel may refuse a large size (fs.pipe-max-size, per-user pipe quota): keep the
         // default then.
         let cap = sys::set_pipe_size(w.as_fd(), PIPE_SIZE).unwrap_or(1 << 16);
-        Ok(Pipe { r, w, cap })
+        let slots = cap / sys::page_size();
+        Ok(Pipe { r, w, cap, slots })
     }
 
     /// Returns an empty pipe to the pool.
@@ -285,10 +289,24 @@ async fn one_way(
                     },
                 },
             };
+            // The pipe is empty here. A read shorter than its slots cannot have filled it, so it
+            // emptied the socket's receive queue: the closure then reports `WouldBlock`, which
+            // makes tokio clear the socket's readiness (as its own reads do after a short read),
+            // and the next round waits for the socket instead of making a splice(2) that fails
+            // with EAGAIN: one call fewer per small chunk. Tokio clears it only if no event came
+            // in since the read began, so input that arrived meanwhile is not missed; a FIN or
+            // an error it has seen stays.
+            let mut read = 0;
             let n = match from.try_io(Interest::READABLE, || {
-                sys::splice(from.as_fd(), p.w.as_fd(), p.cap)
+                read = sys::splice(from.as_fd(), p.w.as_fd(), p.cap)?;
+                if read > 0 && read < p.slots {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(read)
+                }
             }) {
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             };
