@@ -24,6 +24,7 @@ use std::{
 };
 
 use proxy_integration::{
+    procfs::{status_field, thread_statuses},
     require_privileged, skip_or_panic, socks, within, Daemon, DaemonOpts, DataPath, Echo,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -150,16 +151,9 @@ impl Tracer {
 }
 
 fn all_traced(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))
-                .is_some_and(|v| v.trim() != "0")
-        })
-    })
+    thread_statuses(pid)
+        .iter()
+        .all(|(_, status)| status_field(status, "TracerPid:") != "0")
 }
 
 /// A row of `strace -c`.
