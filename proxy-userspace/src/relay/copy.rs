@@ -2,6 +2,7 @@
 
 use std::{
     io,
+    os::fd::AsFd as _,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
@@ -18,7 +19,7 @@ use tokio::{
 use super::{
     idle_watch,
     splice::{fit, SMALL_CHUNK},
-    End, Outcome,
+    End, HalfCloses, Outcome,
 };
 use crate::{registry::ByteCounters, sys, Shared};
 
@@ -39,11 +40,12 @@ pub async fn relay(
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
     let (up, down) = (&bytes.up, &bytes.down);
+    let closes = HalfCloses::default();
     let end = tokio::select! {
         res = async {
             tokio::try_join!(
-                one_way(shared, &mut cr, &mut uw, Direction::Up, up),
-                one_way(shared, &mut ur, &mut cw, Direction::Down, down),
+                one_way(shared, &mut cr, &mut uw, Direction::Up, up, &closes),
+                one_way(shared, &mut ur, &mut cw, Direction::Down, down, &closes),
             )
         } => match res {
             Ok(_) => End::Eof,
@@ -65,7 +67,6 @@ pub async fn relay(
 
 /// Resets both sockets so that each peer learns the session failed.
 pub fn abort(client: &TcpStream, upstream: &TcpStream) {
-    use std::os::fd::AsFd as _;
     let _ = sys::set_linger_zero(client.as_fd());
     let _ = sys::set_linger_zero(upstream.as_fd());
 }
@@ -76,6 +77,7 @@ async fn one_way(
     to: &mut WriteHalf<'_>,
     dir: Direction,
     total: &AtomicU64,
+    closes: &HalfCloses,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; BUF];
     // The direction's sockets get bulk buffer sizes at its first large read.
@@ -84,7 +86,7 @@ async fn one_way(
         let n = from.read(&mut buf).await?;
         if n == 0 {
             // Forward the half-close; the other direction may go on.
-            return to.shutdown().await;
+            return closes.forward(to.as_ref().as_fd());
         }
         to.write_all(&buf[..n]).await?;
         total.fetch_add(n as u64, Relaxed);

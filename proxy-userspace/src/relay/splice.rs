@@ -20,7 +20,7 @@ use std::{
 use proxy_common::metrics::{Counter, DataPath, Direction};
 use tokio::{io::Interest, net::TcpStream, sync::watch};
 
-use super::{copy::abort, idle_watch, End, Outcome};
+use super::{copy::abort, idle_watch, End, HalfCloses, Outcome};
 use crate::{metrics::Metrics, registry::ByteCounters, sys, Shared};
 
 /// Pipe size requested per direction. Larger pipes mean fewer syscalls per byte.
@@ -182,11 +182,26 @@ pub async fn relay(
     // Whether each direction has fitted its sockets' buffers, across a promotion that did not
     // happen.
     let (fit_up, fit_down) = (AtomicBool::new(false), AtomicBool::new(false));
+    let closes = HalfCloses::default();
+    let way_up = Way {
+        from: &client,
+        to: &upstream,
+        dir: Direction::Up,
+        total: up,
+        fitted: &fit_up,
+    };
+    let way_down = Way {
+        from: &upstream,
+        to: &client,
+        dir: Direction::Down,
+        total: down,
+        fitted: &fit_down,
+    };
     let end = tokio::select! {
         res = async {
             let (u, d) = tokio::try_join!(
-                one_way(shared, &client, &upstream, Direction::Up, up, &fit_up, promotion),
-                one_way(shared, &upstream, &client, Direction::Down, down, &fit_down, promotion),
+                one_way(shared, way_up, &closes, promotion),
+                one_way(shared, way_down, &closes, promotion),
             )?;
             if u == Flow::Promote && d == Flow::Promote {
                 return Ok(None);
@@ -194,8 +209,8 @@ pub async fn relay(
             // One side reached end of file while the promotion was asked for: the session
             // stays here and the other side goes on.
             tokio::try_join!(
-                resume(shared, u, &client, &upstream, Direction::Up, up, &fit_up),
-                resume(shared, d, &upstream, &client, Direction::Down, down, &fit_down),
+                resume(shared, u, way_up, &closes),
+                resume(shared, d, way_down, &closes),
             )?;
             Ok(Some(End::Eof))
         } => match res {
@@ -231,30 +246,39 @@ async fn promote_when_idle(
 }
 
 /// Runs a direction that stopped for a promotion to its end, without promotion.
-async fn resume(
-    shared: &Shared,
-    flow: Flow,
-    from: &TcpStream,
-    to: &TcpStream,
-    dir: Direction,
-    total: &AtomicU64,
-    fitted: &AtomicBool,
-) -> io::Result<()> {
+async fn resume(shared: &Shared, flow: Flow, way: Way<'_>, closes: &HalfCloses) -> io::Result<()> {
     if flow == Flow::Promote {
-        one_way(shared, from, to, dir, total, fitted, None).await?;
+        one_way(shared, way, closes, None).await?;
     }
     Ok(())
 }
 
+/// One direction of a session: the socket it reads, the one it writes, and its state.
+#[derive(Clone, Copy)]
+struct Way<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    dir: Direction,
+    /// The direction's running byte total.
+    total: &'a AtomicU64,
+    /// Whether the direction has fitted its sockets' buffers, across a promotion that did not
+    /// happen.
+    fitted: &'a AtomicBool,
+}
+
 async fn one_way(
     shared: &Shared,
-    from: &TcpStream,
-    to: &TcpStream,
-    dir: Direction,
-    total: &AtomicU64,
-    fitted: &AtomicBool,
+    way: Way<'_>,
+    closes: &HalfCloses,
     promotion: Option<&Promotion>,
 ) -> io::Result<Flow> {
+    let Way {
+        from,
+        to,
+        dir,
+        total,
+        fitted,
+    } = way;
     let (pool, metrics) = (&shared.pipes, &shared.metrics);
     // Taken at the first payload, so that an idle session holds no pipe.
     let mut pipe: Option<Pipe> = None;
@@ -280,7 +304,7 @@ async fn one_way(
                         }
                         _ => {
                             tracing::debug!(cause = %e, "no pipe for splice(2); copying this direction");
-                            copy_one_way(from, to, metrics, dir, total).await?;
+                            copy_one_way(from, to, metrics, dir, total, closes).await?;
                             if let Some(pr) = promotion {
                                 pr.close();
                             }
@@ -315,7 +339,7 @@ async fn one_way(
                     pr.close();
                 }
                 // Forward the half-close; the other direction may go on.
-                sys::shutdown_write(to.as_fd())?;
+                closes.forward(to.as_fd())?;
                 return Ok(Flow::Eof);
             }
             let mut left = n;
@@ -367,12 +391,13 @@ async fn copy_one_way(
     metrics: &Metrics,
     dir: Direction,
     total: &AtomicU64,
+    closes: &HalfCloses,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
         from.readable().await?;
         let n = match from.try_read(&mut buf) {
-            Ok(0) => return sys::shutdown_write(to.as_fd()),
+            Ok(0) => return closes.forward(to.as_fd()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
