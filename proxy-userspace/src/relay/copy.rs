@@ -79,6 +79,9 @@ async fn one_way(
     total: &AtomicU64,
     closes: &HalfCloses,
 ) -> io::Result<()> {
+    // The buffer is taken at the first payload (or end of file), so that an idle session holds
+    // none.
+    from.as_ref().readable().await?;
     let mut buf = vec![0u8; BUF];
     // The direction's sockets get bulk buffer sizes at its first large read.
     let mut fitted = false;
