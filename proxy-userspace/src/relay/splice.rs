@@ -179,8 +179,6 @@ pub async fn relay(
 ) -> Spliced {
     let (up, down) = (&bytes.up, &bytes.down);
     let activity = || up.load(Relaxed) + down.load(Relaxed);
-    // Whether each direction has fitted its sockets' buffers, across a promotion that did not
-    // happen.
     let (fit_up, fit_down) = (AtomicBool::new(false), AtomicBool::new(false));
     let closes = HalfCloses::default();
     let way_up = Way {
