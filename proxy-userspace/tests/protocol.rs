@@ -19,7 +19,17 @@ struct Server {
     addr: SocketAddr,
     stop: Option<mpsc::Sender<()>>,
     task: JoinHandle<Result<(), ebsocks::Error>>,
-    _dir: PathBuf,
+    _dir: RemovedOnDrop,
+}
+
+/// The server's working directory (its address file, its pin directory), removed when the
+/// server is dropped, also when a test fails.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Server {
@@ -59,7 +69,7 @@ impl Server {
             addr,
             stop: Some(tx),
             task,
-            _dir: dir,
+            _dir: RemovedOnDrop(dir),
         }
     }
 

@@ -51,9 +51,10 @@ pub fn hash_password(password: &str) -> String {
     hash
 }
 
-/// A users file (`name:HASH` per line) in a temporary directory that lives as long as this.
+/// A users file (`name:HASH` per line): in a temporary directory that lives as long as this,
+/// or at a path of the caller's that is left in place ([`UsersFile::kept`]).
 pub struct UsersFile {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     path: PathBuf,
 }
 
@@ -65,12 +66,23 @@ impl UsersFile {
             .tempdir()
             .expect("temp dir");
         let path = dir.path().join("users");
-        let text: String = users
-            .iter()
-            .map(|(u, p)| format!("{u}:{}\n", hash_password(p)))
-            .collect();
-        std::fs::write(&path, text).expect("write users file");
-        Self { _dir: dir, path }
+        write_users(&path, users);
+        Self {
+            _dir: Some(dir),
+            path,
+        }
+    }
+
+    /// Writes one line per (user, password) to `path`, which outlives this: for a file held in
+    /// a `static` (never dropped) by a whole test binary, e.g. under its
+    /// `CARGO_TARGET_TMPDIR`, where the next run overwrites it.
+    pub fn kept(path: PathBuf, users: &[(&str, &str)]) -> Self {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        }
+        write_users(&path, users);
+        Self { _dir: None, path }
     }
 
     pub fn path(&self) -> &Path {
@@ -86,4 +98,12 @@ impl UsersFile {
             toml_str(&self.path.to_string_lossy())
         )
     }
+}
+
+fn write_users(path: &Path, users: &[(&str, &str)]) {
+    let text: String = users
+        .iter()
+        .map(|(u, p)| format!("{u}:{}\n", hash_password(p)))
+        .collect();
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }

@@ -17,7 +17,12 @@ const ALICE_PW: &str = "correct horse battery staple";
 /// One users file for the whole binary: hashing costs ~25 ms per user in release.
 fn users() -> &'static UsersFile {
     static U: OnceLock<UsersFile> = OnceLock::new();
-    U.get_or_init(|| UsersFile::new(&[("alice", ALICE_PW), ("bob", "bob's secret")]))
+    U.get_or_init(|| {
+        UsersFile::kept(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("auth-users"),
+            &[("alice", ALICE_PW), ("bob", "bob's secret")],
+        )
+    })
 }
 
 /// Echoes 64 KiB through `s`.

@@ -445,7 +445,12 @@ const BOB_PW: &str = "bob's password";
 
 fn users() -> &'static UsersFile {
     static U: OnceLock<UsersFile> = OnceLock::new();
-    U.get_or_init(|| UsersFile::new(&[("alice", ALICE_PW), ("bob", BOB_PW)]))
+    U.get_or_init(|| {
+        UsersFile::kept(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("rules-users"),
+            &[("alice", ALICE_PW), ("bob", BOB_PW)],
+        )
+    })
 }
 
 /// `users = ["alice"]` passes alice; bob authenticates fine but his request is blocked.
