@@ -1,6 +1,6 @@
 //! `ebsocks` binary: parses the command line and wires the library together.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use ebsocks::{
@@ -139,6 +139,7 @@ fn run(args: RunArgs) -> ExitCode {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colored_stderr())
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Text => builder.init(),
@@ -217,4 +218,10 @@ fn hash_password() -> ExitCode {
     }
     println!("{}", ebsocks::auth::hash_password(password));
     ExitCode::SUCCESS
+}
+
+/// Whether log lines may carry terminal colours: only on a terminal, and never with `NO_COLOR`
+/// set (<https://no-color.org>). A file, a pipe or journald's stream gets plain text.
+fn colored_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -612,8 +612,8 @@ fn human_rate(bytes_per_sec: f64) -> String {
     format!("{v:.1}{}", UNITS[u])
 }
 
-/// `ebsocks stats --watch`: prints a snapshot every `interval` (a refreshed table on a
-/// terminal-clearing screen, or one JSON object per line), `count` times or until killed.
+/// `ebsocks stats --watch`: prints a snapshot every `interval` (a table, redrawn in place on a
+/// terminal, or one JSON object per line), `count` times or until killed.
 pub fn watch(
     dir: &Path,
     control: Option<&Path>,
@@ -621,7 +621,14 @@ pub fn watch(
     count: Option<u64>,
     json: bool,
 ) -> Result<(), StatsError> {
-    use std::io::Write as _;
+    use std::io::{IsTerminal as _, Write as _};
+    // A terminal is cleared before each table; a file or a pipe gets the tables one after
+    // another, a blank line apart, without control codes.
+    let redraw = if std::io::stdout().is_terminal() {
+        "\x1b[H\x1b[2J"
+    } else {
+        ""
+    };
     let mut prev: Option<(Snapshot, Instant)> = None;
     let mut n = 0u64;
     loop {
@@ -632,7 +639,12 @@ pub fn watch(
             s.to_json_line() + "\n"
         } else {
             let since = prev.as_ref().map(|(p, t)| (p, now.duration_since(*t)));
-            format!("\x1b[H\x1b[2J{}", s.to_table_since(since))
+            let table = s.to_table_since(since);
+            if n == 0 || !redraw.is_empty() {
+                format!("{redraw}{table}")
+            } else {
+                format!("\n{table}")
+            }
         };
         let mut stdout = std::io::stdout().lock();
         if stdout

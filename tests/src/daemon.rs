@@ -189,8 +189,9 @@ impl Daemon {
             .arg(&config)
             .arg("--addr-file")
             .arg(&addr_file)
-            // Plain logs in the captured stderr.
-            .env("NO_COLOR", "1")
+            // The captured stderr is a file, so the logs must come plain without being told
+            // (the tests that match log lines check it).
+            .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);

@@ -1075,6 +1075,9 @@ async fn stats_watch_and_control_errors() {
         table.contains("SESSIONS NOW") && table.contains("RATE"),
         "{table}"
     );
+    // Into a file: both tables, one after the other, without a terminal's control codes.
+    assert_eq!(table.matches("SESSIONS NOW").count(), 2, "{table}");
+    assert!(!table.contains('\x1b'), "{table:?}");
 
     // The protocol: one JSON line each way; errors are answered, not dropped.
     let control = control_path(&daemon);

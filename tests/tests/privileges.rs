@@ -199,7 +199,7 @@ fn sockmap_with(caps: &[String]) -> Result<(), String> {
         .arg(&cfg)
         .arg("--addr-file")
         .arg(&addr)
-        .env("NO_COLOR", "1")
+        .env_remove("NO_COLOR")
         .stdin(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
