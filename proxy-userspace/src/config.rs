@@ -353,43 +353,51 @@ struct RawLog {
 
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like \"10s\" or \"250ms\""))?;
+    const UNITS: &str = "ms, s, m or h";
+    let (n, unit) = number_and_unit(s, "a duration like \"10s\" or \"250ms\"", UNITS)?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?} has no unit (use ms, s, m or h)")),
+        "" => return Err(format!("{s:?} has no unit (use {UNITS}, e.g. \"{n}s\")")),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use {UNITS})")),
     };
     Ok(d)
 }
 
+/// Splits `"250ms"` or `"250 ms"` into 250 and `"ms"`; `what` and `units` word the errors.
+fn number_and_unit<'a>(s: &'a str, what: &str, units: &str) -> Result<(u64, &'a str), String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim_start();
+    if num.is_empty() {
+        return Err(format!("{s:?} is not {what}"));
+    }
+    if unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "{s:?} is not a whole number: use a smaller unit ({units})"
+        ));
+    }
+    let n = num.parse().map_err(|_| format!("{s:?} is too large"))?;
+    Ok((n, unit))
+}
+
 /// Parses a rate such as `"100mbit"`, `"512kbit"`, `"1gbit"` or `"0"` into bytes per second.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if s == "0" {
+    const UNITS: &str = "bit, kbit, mbit or gbit (per second)";
+    if s.trim() == "0" {
         return Ok(0);
     }
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a rate like \"100mbit\""))?;
+    let (n, unit) = number_and_unit(s, "a rate like \"100mbit\"", UNITS)?;
     let bits = match unit {
         "bit" => n,
         "kbit" => n.saturating_mul(1_000),
         "mbit" => n.saturating_mul(1_000_000),
         "gbit" => n.saturating_mul(1_000_000_000),
-        _ => {
-            return Err(format!(
-                "{s:?} needs a unit: bit, kbit, mbit or gbit (per second)"
-            ))
-        }
+        "" => return Err(format!("{s:?} needs a unit: {UNITS}")),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use {UNITS})")),
     };
     Ok(bits / 8)
 }
@@ -1074,8 +1082,46 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("s").is_err());
+        assert_eq!(parse_duration(" 5 m ").unwrap(), Duration::from_secs(300));
+        let err = |s| parse_duration(s).unwrap_err();
+        assert_eq!(
+            err("5"),
+            r#""5" has no unit (use ms, s, m or h, e.g. "5s")"#
+        );
+        assert_eq!(err("s"), r#""s" is not a duration like "10s" or "250ms""#);
+        assert_eq!(
+            err("-1s"),
+            r#""-1s" is not a duration like "10s" or "250ms""#
+        );
+        assert_eq!(
+            err("5min"),
+            r#""5min": unknown unit "min" (use ms, s, m or h)"#
+        );
+        assert_eq!(
+            err("1.5s"),
+            r#""1.5s" is not a whole number: use a smaller unit (ms, s, m or h)"#
+        );
+        assert_eq!(
+            err("99999999999999999999s"),
+            r#""99999999999999999999s" is too large"#
+        );
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("100mbit").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("100 mbit").unwrap(), 12_500_000);
+        let err = |s| parse_rate(s).unwrap_err();
+        assert_eq!(
+            err("100"),
+            r#""100" needs a unit: bit, kbit, mbit or gbit (per second)"#
+        );
+        assert_eq!(
+            err("10MB"),
+            r#""10MB": unknown unit "MB" (use bit, kbit, mbit or gbit (per second))"#
+        );
+        assert_eq!(err("fast"), r#""fast" is not a rate like "100mbit""#);
     }
 }
