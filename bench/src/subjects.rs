@@ -23,6 +23,9 @@ pub struct Daemon {
     pub tree: ProcTree,
     pub log: PathBuf,
     exited: Option<String>,
+    /// What the server removes itself when it exits cleanly (ebsocks' pin directory), removed
+    /// here when it had to be killed.
+    pins: Option<PathBuf>,
 }
 
 pub struct Subject {
@@ -190,6 +193,7 @@ impl Daemon {
             tree,
             log,
             exited: None,
+            pins: None,
         })
     }
 
@@ -272,10 +276,17 @@ impl Daemon {
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
-                    break format!(
+                    let mut why = format!(
                         "did not exit within {} s of SIGTERM, killed",
                         STOP_TIMEOUT.as_secs()
                     );
+                    if let Some(dir) = self.pins.as_ref().filter(|d| d.exists()) {
+                        why.push_str(&match fs::remove_dir_all(dir) {
+                            Ok(()) => format!("; its pins in {} removed", dir.display()),
+                            Err(e) => format!("; its pins in {} left: {e}", dir.display()),
+                        });
+                    }
+                    break why;
                 }
             }
         };
@@ -480,6 +491,7 @@ fn start_ebsocks(spec: &EbsocksSpec) -> Subject {
         Ok(d) => d,
         Err(e) => return Subject::unavailable(&name, e),
     };
+    d.pins = Some(PathBuf::from(&pin_dir));
     let ready = d.wait_ready(|| {
         let text = fs::read_to_string(&addr_file).ok()?;
         let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
