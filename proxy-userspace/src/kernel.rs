@@ -5,7 +5,10 @@
 use std::{
     io::{self, Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    os::fd::{AsFd, BorrowedFd},
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     sync::Mutex,
     time::Duration,
@@ -218,29 +221,71 @@ fn start_dispatcher(ring: RingBuf<MapData>) -> io::Result<std::sync::Arc<BrakeDi
 /// Redirected bytes between two brake checks of one socket.
 pub const BRAKE_STEP: u64 = 4 << 20;
 
-/// A pinned-map directory, removed on drop.
+/// A pinned-map directory, locked while the daemon lives and removed on drop.
 #[derive(Debug)]
-struct PinDir(PathBuf);
+struct PinDir {
+    path: PathBuf,
+    // Dropped after the directory is removed, so no other daemon takes it over meanwhile.
+    _lock: std::fs::File,
+}
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        if let Err(e) = remove_pin_dir(&self.0) {
-            tracing::warn!(dir = %self.0.display(), cause = %e, "cannot remove pinned maps");
+        let removed = remove_pins(&self.path).and_then(|_| std::fs::remove_dir(&self.path));
+        if let Err(e) = removed {
+            tracing::warn!(dir = %self.path.display(), cause = %e, "cannot remove pinned maps");
         }
     }
 }
 
-fn remove_pin_dir(dir: &Path) -> io::Result<()> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries {
-                std::fs::remove_file(e?.path())?;
-            }
-            std::fs::remove_dir(dir)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+/// Removes every pin in `dir`; returns how many there were.
+fn remove_pins(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        std::fs::remove_file(e?.path())?;
+        n += 1;
     }
+    Ok(n)
+}
+
+/// Creates `dir` when missing and locks it (`flock`) for as long as the returned file is open.
+///
+/// A directory that another running daemon holds is an error (`AddrInUse`): its pins are that
+/// daemon's, not stale ones to remove. A daemon that dies, however it dies, releases the lock
+/// with its descriptors, so what it left behind can be taken over.
+fn lock_pin_dir(dir: &Path) -> io::Result<std::fs::File> {
+    // The holder removes the directory before its lock goes: a lock taken on a directory that
+    // is no longer at `dir` is worthless, and the next round creates a new one.
+    for _ in 0..3 {
+        match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let f = match std::fs::File::open(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            r => r?,
+        };
+        if !sys::try_lock_exclusive(f.as_fd())? {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use by another running daemon (set pin_dir)",
+                    dir.display()
+                ),
+            ));
+        }
+        let held = f.metadata()?;
+        match std::fs::metadata(dir) {
+            Ok(m) if m.dev() == held.dev() && m.ino() == held.ino() => return Ok(f),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} was removed and created again while being locked",
+        dir.display()
+    )))
 }
 
 /// True when `dir`'s parent directory is on a bpffs mount.
@@ -436,12 +481,13 @@ fn pin_maps(ebpf: &Ebpf, dir: &Path) -> io::Result<PinDir> {
             dir.parent().unwrap_or(dir).display()
         )));
     }
-    if dir.exists() {
-        tracing::warn!(dir = %dir.display(), "removing stale pinned maps from an earlier run");
-        remove_pin_dir(dir)?;
+    let guard = PinDir {
+        path: dir.to_owned(),
+        _lock: lock_pin_dir(dir)?,
+    };
+    if remove_pins(dir)? > 0 {
+        tracing::warn!(dir = %dir.display(), "removed stale pinned maps left by a daemon that is gone");
     }
-    std::fs::create_dir(dir)?;
-    let guard = PinDir(dir.to_owned());
     for name in [
         KERNEL_TRAFFIC,
         DAEMON_TRAFFIC,

@@ -169,6 +169,17 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
 }
 
+/// `flock(fd, LOCK_EX | LOCK_NB)`: false when another open file description holds a lock on the
+/// same file. The lock lasts as long as the descriptor (and its duplicates) stays open.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: plain syscall on a borrowed descriptor.
+    match cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The socket cookie (`SO_COOKIE`, Linux 4.12+): the key the kernel programs see for a socket.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut v: u64 = 0;

@@ -1,6 +1,7 @@
 //! The daemon's life as an operator sees it: SIGTERM drains and cleans up, a second SIGTERM
-//! cuts the drain short, SIGHUP is safe from the first moment and under load, and a daemon
-//! killed with SIGKILL leaves nothing that stops the next one or outlives it.
+//! cuts the drain short, SIGHUP is safe from the first moment and under load, a daemon
+//! killed with SIGKILL leaves nothing that stops the next one or outlives it, and a second
+//! daemon on the pins of a running one leaves them alone.
 
 use std::{
     path::PathBuf,
@@ -274,7 +275,7 @@ async fn sigkill_with_live_sessions_then_restart_on_the_same_pins() {
     );
 
     let second = Daemon::start(opts);
-    wait_log(&second, "removing stale pinned maps", 1).await;
+    wait_log(&second, "removed stale pinned maps", 1).await;
     let echo = Echo::start("127.0.0.1:0").await;
     let mut s = socks::connect(second.addr(), echo.addr).await;
     round_trip(&mut s, 9, 8 << 20, "through the restarted daemon").await;
@@ -306,5 +307,56 @@ async fn sigkill_with_live_sessions_then_restart_on_the_same_pins() {
         .unwrap_or_else(|e| panic!("closing: {e}"));
     wait_sessions_drained(&second).await;
     second.stop();
+    assert!(!pin_dir.exists());
+}
+
+/// A second daemon started on the pin directory of a running one (the same `pin_dir` in two
+/// configurations) serves without pins and says why; the running daemon's pinned counters stay
+/// its own, for `ebsocks stats`, while the second runs and after it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_leaves_the_pins_of_a_running_one_alone() {
+    if !require_privileged("data path sockmap") {
+        return;
+    }
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/ebsocks-test-shared-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let opts = DaemonOpts {
+        pin_dir: Some(pin_dir.clone()),
+        ..DaemonOpts::path(DataPath::Sockmap)
+    };
+    let echo = Echo::start("127.0.0.1:0").await;
+    let first = Daemon::start(opts.clone());
+    for seed in 0..2 {
+        let mut s = socks::connect(first.addr(), echo.addr).await;
+        round_trip(&mut s, seed, 1 << 20, "through the first daemon").await;
+    }
+    assert_path_used(&first, DataPath::Sockmap, 2).await;
+
+    let second = Daemon::start(opts);
+    wait_log(
+        &second,
+        "is in use by another running daemon (set pin_dir)",
+        1,
+    )
+    .await;
+    let mut s = socks::connect(second.addr(), echo.addr).await;
+    round_trip(&mut s, 7, 1 << 20, "through the second daemon").await;
+    drop(s);
+    // The pins are the first daemon's: its two sessions, not the second's one.
+    let stats = first.stats();
+    assert_eq!(stats.counter("sessions_total_sockmap"), 2, "{stats}");
+    second.stop_unpinned();
+    assert!(
+        pin_dir.exists(),
+        "the second daemon removed the first one's pins"
+    );
+    let stats = first.stats();
+    assert_eq!(stats.counter("sessions_total_sockmap"), 2, "{stats}");
+
+    wait_sessions_drained(&first).await;
+    first.stop();
     assert!(!pin_dir.exists());
 }
