@@ -502,3 +502,63 @@ async fn xdp_large_datagrams(#[case] v6: bool) {
     wait_gauge(&daemon, "udp_associations_active", 0).await;
     daemon.stop();
 }
+
+/// A second daemon configured with the interfaces of a running one cannot attach its XDP
+/// program: it exits with an error that names the interface and why, before it serves, and the
+/// running daemon's program stays attached and offloading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xdp_a_second_daemon_on_the_same_interface_is_refused() {
+    if !netns::require("XDP UDP fast path") {
+        return;
+    }
+    let t = Topology::new();
+    let daemon = start(&t, false, true, "");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("second.toml");
+    let pin = format!("/sys/fs/bpf/ebsocks-test-xdp-second-{}", std::process::id());
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\npin_dir = \"{pin}\"\ncontrol_socket = \"off\"\n\
+             [udp]\nxdp_interfaces = [\"p0\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg("nsenter")
+        .arg(format!("--net={}", t.proxy.path()))
+        .arg(proxy_integration::daemon::daemon_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run a second ebsocks");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("attaching XDP to p0") && stderr.contains("already has an XDP program"),
+        "{stderr}"
+    );
+    assert!(
+        !std::path::Path::new(&pin).exists(),
+        "pins left after a failed start"
+    );
+
+    // The first daemon's program still offloads.
+    let a = associate(&t, daemon.addr(), false).await;
+    let target = Topology::udp(&t.target, t.target_ip(false));
+    let dst = Target::Ip(target.local_addr().unwrap());
+    for i in 0..3u8 {
+        round_trip(&a, &target, &dst, &[i; 100], &[i; 50]).await;
+    }
+    poll_until(STATS_SETTLE, "offloaded datagrams", |last| {
+        let s = daemon.stats();
+        *last = s.json["xdp"].to_string();
+        (xdp(&s, "xdp_offloaded_up") >= 2).then_some(())
+    })
+    .await;
+    drop(a);
+    daemon.stop();
+}

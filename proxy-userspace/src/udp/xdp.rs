@@ -46,6 +46,37 @@ pub struct XdpError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// The error of attaching to `iface`: says so when another XDP program holds the interface
+/// (`EEXIST`), which is what a second daemon on the same `xdp_interfaces` meets.
+fn attach_err(iface: &str, how: &str) -> impl FnOnce(aya::programs::ProgramError) -> XdpError {
+    let iface = iface.to_owned();
+    let how = how.to_owned();
+    move |e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut taken = false;
+        while let Some(c) = cause {
+            if c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::EEXIST))
+            {
+                taken = true;
+            }
+            cause = c.source();
+        }
+        let context = if taken {
+            format!(
+                "attaching XDP to {iface}{how}: the interface already has an XDP program (another \
+                 daemon's? `ip link show {iface}` names it)"
+            )
+        } else {
+            format!("attaching XDP to {iface}{how}")
+        };
+        XdpError {
+            context,
+            source: Box::new(e),
+        }
+    }
+}
+
 fn err<E: std::error::Error + Send + Sync + 'static>(
     context: impl Into<String>,
 ) -> impl FnOnce(E) -> XdpError {
@@ -101,12 +132,12 @@ pub fn start(ebpf: &mut Ebpf, cfg: &UdpConfig) -> Result<XdpPlane, XdpError> {
         let mode = match cfg.xdp_mode {
             XdpMode::Native => {
                 prog.attach(iface, AyaXdpMode::Driver)
-                    .map_err(err(format!("attaching XDP to {iface} in native mode")))?;
+                    .map_err(attach_err(iface, " in native mode"))?;
                 "native"
             }
             XdpMode::Generic => {
                 prog.attach(iface, AyaXdpMode::Skb)
-                    .map_err(err(format!("attaching XDP to {iface} in generic mode")))?;
+                    .map_err(attach_err(iface, " in generic mode"))?;
                 "generic"
             }
             XdpMode::Auto => match prog.attach(iface, AyaXdpMode::Driver) {
@@ -114,7 +145,7 @@ pub fn start(ebpf: &mut Ebpf, cfg: &UdpConfig) -> Result<XdpPlane, XdpError> {
                 Err(e) => {
                     tracing::debug!(interface = %iface, cause = %e, "no native XDP; trying generic mode");
                     prog.attach(iface, AyaXdpMode::Skb)
-                        .map_err(err(format!("attaching XDP to {iface}")))?;
+                        .map_err(attach_err(iface, ""))?;
                     "generic"
                 }
             },
