@@ -25,12 +25,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a command's output. A reader that went away (`ebsocks sessions | head`) ends the
+/// command quietly, as it would end a shell tool; any other failure is reported.
+fn output(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ebsocks: writing the output: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
-        Ok(c) => {
-            print!("{}", c.to_toml());
-            ExitCode::SUCCESS
-        }
+        Ok(c) => output(&c.to_toml()),
         Err(e) => {
             eprintln!("ebsocks: {}: {e}", file.display());
             ExitCode::from(2)
@@ -73,11 +88,10 @@ fn stats_cmd(args: &StatsArgs) -> ExitCode {
                 Err(_) => {}
             }
             if args.json {
-                println!("{}", s.to_json());
+                output(&(s.to_json() + "\n"))
             } else {
-                print!("{}", s.to_table());
+                output(&s.to_table())
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("ebsocks: {e}");
@@ -94,15 +108,12 @@ fn sessions_cmd(args: &SessionsArgs) -> ExitCode {
     match control::sessions(&control) {
         Ok(list) => {
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&list)
-                        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-                );
+                let json = serde_json::to_string_pretty(&list)
+                    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+                output(&(json + "\n"))
             } else {
-                print!("{}", stats::sessions_table(&list));
+                output(&stats::sessions_table(&list))
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("ebsocks: {e}");
@@ -216,8 +227,7 @@ fn hash_password() -> ExitCode {
         eprintln!("ebsocks: empty password");
         return ExitCode::from(2);
     }
-    println!("{}", ebsocks::auth::hash_password(password));
-    ExitCode::SUCCESS
+    output(&(ebsocks::auth::hash_password(password) + "\n"))
 }
 
 /// Whether log lines may carry terminal colours: only on a terminal, and never with `NO_COLOR`

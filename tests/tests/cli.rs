@@ -1,6 +1,7 @@
 //! `ebsocks check-config`, as an operator calls it: the file as an argument or as `--config`
 //! (the way `run` takes it), the effective configuration on success, and on a bad file exit
-//! status 2 with the key and the problem named. Needs no privileges.
+//! status 2 with the key and the problem named, and a quiet end when its reader has gone. Needs
+//! no privileges.
 
 use std::process::{Command, Output};
 
@@ -52,6 +53,28 @@ fn a_bad_config_exits_2_naming_the_key() {
     assert!(
         stderr.contains("`timeouts.idle`") && stderr.contains("\"soon\""),
         "{stderr}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+/// Output into a reader that went away (`ebsocks check-config F | head -1`, once head has
+/// exited) ends the command quietly with status 0: no panic, nothing on stderr.
+#[test]
+fn output_into_a_closed_pipe_is_a_quiet_end() {
+    let path = temp_config("pipe", "listen = [\"127.0.0.1:1082\"]\n");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(daemon_binary())
+        .arg("check-config")
+        .arg(&path)
+        .stdout(writer)
+        .output()
+        .expect("run ebsocks check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "{}: {stderr}",
+        out.status
     );
     let _ = std::fs::remove_file(path);
 }

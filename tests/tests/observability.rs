@@ -84,6 +84,25 @@ fn cli(args: &[&str]) -> String {
     out
 }
 
+/// Runs `ebsocks ARGS` (bounded by [`CLI_LIMIT`]) with its output into a pipe whose reading end
+/// is already closed; returns its exit status and what it wrote to stderr.
+fn cli_into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new("timeout")
+        .arg(CLI_LIMIT.as_secs().to_string())
+        .arg(daemon_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn ebsocks {args:?}: {e}"));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `ebsocks sessions --json` for this daemon (control socket derived from its pin directory).
 fn sessions(d: &Daemon) -> Vec<Value> {
     let pin = d.pin_dir().to_string_lossy().into_owned();
@@ -542,6 +561,21 @@ async fn figures_equal_the_bytes_moved(#[case] path: DataPath) {
         table.contains(&client_addr.to_string()) && table.contains(&UP.to_string()),
         "{table}"
     );
+    // Into a reader that went away (`ebsocks sessions | head -1`, when head has exited): a
+    // quiet end, not a panic.
+    for args in [
+        &["sessions"][..],
+        &["sessions", "--json"],
+        &["stats"],
+        &["stats", "--json"],
+    ] {
+        let pin = daemon.pin_dir().to_string_lossy().into_owned();
+        let (status, stderr) = cli_into_closed_pipe(&[args, &["--pin-dir", &pin]].concat());
+        assert!(
+            status.success() && stderr.is_empty(),
+            "{args:?}: {status}: {stderr}"
+        );
+    }
     assert_stats_and_metrics_agree(&daemon).await;
 
     within(LIMIT, "closing the session", async {
