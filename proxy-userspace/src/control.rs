@@ -265,7 +265,8 @@ fn answer(shared: &Shared, line: &[u8]) -> Response {
 pub enum ClientError {
     /// Connecting or talking to the socket failed.
     #[error(
-        "cannot query the daemon at {path}: {source} (is it running with this control socket?)"
+        "cannot query the daemon at {path}: {source}{}",
+        crate::reach_hint(source, "its control socket", "control socket")
     )]
     Io {
         /// The socket.

@@ -595,6 +595,32 @@ async fn reload_loop(
 
 /// `error: cause: cause...`. aya's errors keep the system error (EPERM, E2BIG...) as their
 /// source rather than in their message, and that is the part that tells an operator what to do.
+/// The first system error in `e`'s chain of causes, `e` included.
+pub(crate) fn io_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        next = cause.source();
+    }
+    None
+}
+
+/// What an operator can do about a failure to reach `what` of a running daemon (its pins, its
+/// control socket), configured as `key`, from the system error behind it.
+pub(crate) fn reach_hint(e: &(dyn std::error::Error + 'static), what: &str, key: &str) -> String {
+    match io_cause(e).map(io::Error::kind) {
+        Some(io::ErrorKind::PermissionDenied) => format!(
+            " (only root, or the daemon's `user` once it has dropped privileges, may open {what})"
+        ),
+        Some(io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            format!(" (is the daemon running with this {key}?)")
+        }
+        _ => String::new(),
+    }
+}
+
 pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut next = e.source();

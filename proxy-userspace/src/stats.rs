@@ -25,8 +25,9 @@ use crate::{
 /// Why the counters could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot read {map} under {dir}: {} (is the daemon running with this pin_dir?)",
-    crate::with_causes(source)
+    "cannot read {map} under {dir}: {}{}",
+    crate::with_causes(source),
+    crate::reach_hint(source, "its pins", "pin_dir")
 )]
 pub struct StatsError {
     map: &'static str,

@@ -1137,6 +1137,52 @@ async fn stats_watch_and_control_errors() {
     assert!(lines[0]["error"].is_string(), "{answer}");
     assert_eq!(lines[1]["ok"], true, "{answer}");
     assert_eq!(lines[1]["info"]["sessions"], 0, "{answer}");
+
+    // Refusals say what to do: another user than root (or the daemon's) is told who may read,
+    // a directory or socket no daemon made asks whether one runs with it.
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let missing = format!("{pin}-none");
+    let cases: [(&[&str], &[&str], &str); 4] = [
+        (&nobody, &["stats", "--pin-dir", &pin], "may open its pins"),
+        (
+            &nobody,
+            &["sessions", "--pin-dir", &pin],
+            "may open its control socket",
+        ),
+        (
+            &[],
+            &["stats", "--pin-dir", &missing],
+            "is the daemon running with this pin_dir?",
+        ),
+        (
+            &[],
+            &["sessions", "--pin-dir", &missing],
+            "is the daemon running with this control socket?",
+        ),
+    ];
+    for (wrapper, args, hint) in cases {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(daemon_binary());
+                c
+            }
+            None => Command::new(daemon_binary()),
+        };
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run ebsocks {args:?}: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(hint), "{wrapper:?} {args:?}: {stderr}");
+    }
     daemon.stop();
 }
 

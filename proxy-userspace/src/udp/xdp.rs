@@ -52,24 +52,15 @@ fn attach_err(iface: &str, how: &str) -> impl FnOnce(aya::programs::ProgramError
     let iface = iface.to_owned();
     let how = how.to_owned();
     move |e| {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        let mut taken = false;
-        while let Some(c) = cause {
-            if c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.raw_os_error() == Some(libc::EEXIST))
-            {
-                taken = true;
-            }
-            cause = c.source();
-        }
-        let context = if taken {
-            format!(
+        let context =
+            if crate::io_cause(&e).and_then(std::io::Error::raw_os_error) == Some(libc::EEXIST) {
+                format!(
                 "attaching XDP to {iface}{how}: the interface already has an XDP program (another \
                  daemon's? `ip link show {iface}` names it)"
             )
-        } else {
-            format!("attaching XDP to {iface}{how}")
-        };
+            } else {
+                format!("attaching XDP to {iface}{how}")
+            };
         XdpError {
             context,
             source: Box::new(e),
