@@ -515,6 +515,28 @@ impl Rules {
         }
     }
 
+    /// The `methods` of every `pass` client rule (`None`: any method the server offers).
+    pub fn passing_client_methods(&self) -> impl Iterator<Item = Option<&[AuthMethod]>> {
+        self.client
+            .iter()
+            .filter(|r| r.action == Action::Pass)
+            .map(|r| r.methods.as_deref())
+    }
+
+    /// Every user name a socks rule matches on: its key (`socks_rule[N].users`), the rule's
+    /// name, the user.
+    pub fn named_users(&self) -> impl Iterator<Item = (String, &str, &str)> {
+        self.socks.iter().enumerate().flat_map(|(i, r)| {
+            r.users.iter().flatten().map(move |u| {
+                (
+                    format!("socks_rule[{i}].users"),
+                    r.name.as_str(),
+                    u.as_str(),
+                )
+            })
+        })
+    }
+
     /// Stage 1, at accept time: the first client rule whose `from` holds `client` decides
     /// (default block). Also returns that rule's `methods`, `None` meaning any method the server
     /// supports.

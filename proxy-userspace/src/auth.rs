@@ -192,6 +192,11 @@ impl UserDb {
         self.users.len()
     }
 
+    /// Whether `user` is listed.
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user.as_bytes())
+    }
+
     /// Whether the file lists no user (every login will fail).
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()

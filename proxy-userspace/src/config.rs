@@ -458,6 +458,78 @@ impl Config {
         }
     }
 
+    /// Settings that are valid but almost certainly not what was meant, each naming its key:
+    /// `check-config` prints them, the daemon logs them at start-up and at each reload.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let methods = &self.auth.methods;
+        let offers_username = methods.contains(&AuthMethod::Username);
+        let users = self.auth.users.as_deref();
+        if let (Some(db), Some(path)) = (users, &self.auth.users_file) {
+            if db.is_empty() {
+                out.push(format!(
+                    "`auth.users_file`: {} lists no user, so every login fails",
+                    path.display()
+                ));
+            }
+        }
+        let named: Vec<_> = self.rules.named_users().collect();
+        let mut unreachable_rules = Vec::new();
+        for (key, rule, user) in &named {
+            if !offers_username {
+                if !unreachable_rules.contains(rule) {
+                    unreachable_rules.push(rule);
+                    out.push(format!(
+                        "`{key}`: rule {rule:?} matches only the users it names, but \
+                         auth.methods does not offer \"username\", so no client has a user \
+                         name and the rule never matches"
+                    ));
+                }
+            } else if users.is_some_and(|db| !db.contains(user)) {
+                out.push(format!(
+                    "`{key}`: {user:?} (rule {rule:?}) is not in auth.users_file, so it never \
+                     matches"
+                ));
+            }
+        }
+        for user in self.limits.user_bandwidth.keys() {
+            if !offers_username {
+                out.push(format!(
+                    "`limits.user_bandwidth.{user}`: auth.methods does not offer \"username\", \
+                     so no client has a user name and this rate never applies"
+                ));
+            } else if users.is_some_and(|db| !db.contains(user)) {
+                out.push(format!(
+                    "`limits.user_bandwidth.{user}`: {user:?} is not in auth.users_file, so this \
+                     rate never applies"
+                ));
+            }
+        }
+        // The server picks the first of its methods that the client offers, so a client
+        // offering both methods (curl with a user name in the proxy URL does) gets "none".
+        let position = |m| methods.iter().position(|x| *x == m);
+        let none_first = matches!(
+            (position(AuthMethod::None), position(AuthMethod::Username)),
+            (Some(n), Some(u)) if n < u
+        );
+        let both_allowed = self.rules.passing_client_methods().any(|r| {
+            r.is_none_or(|r| r.contains(&AuthMethod::None) && r.contains(&AuthMethod::Username))
+        });
+        if none_first
+            && both_allowed
+            && (!named.is_empty() || !self.limits.user_bandwidth.is_empty())
+        {
+            out.push(
+                "`auth.methods`: \"none\" comes before \"username\", so a client that offers \
+                 both (curl with a user name in the proxy URL does) is never asked to log in, \
+                 and the rules and rates that name users never apply to it; list \"username\" \
+                 first"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
     /// The effective configuration as TOML, every key present, followed by the rule list.
     pub fn to_toml(&self) -> String {
         let Self {
@@ -1123,5 +1195,123 @@ mod tests {
             r#""10MB": unknown unit "MB" (use bit, kbit, mbit or gbit (per second))"#
         );
         assert_eq!(err("fast"), r#""fast" is not a rate like "100mbit""#);
+    }
+
+    /// A users file listing `users` (password "x"), removed on drop.
+    struct UsersFile(PathBuf);
+
+    impl UsersFile {
+        fn new(users: &[&str]) -> Self {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "ebsocks-config-test-{}-{n}.users",
+                std::process::id()
+            ));
+            let hash = crate::auth::hash_password("x");
+            let text: String = users.iter().map(|u| format!("{u}:{hash}\n")).collect();
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn auth(&self, methods: &str) -> String {
+            format!(
+                "[auth]\nmethods = {methods}\nusers_file = {:?}\n",
+                self.0.display().to_string()
+            )
+        }
+    }
+
+    impl Drop for UsersFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn warnings(text: &str) -> Vec<String> {
+        Config::parse(text).unwrap().warnings()
+    }
+
+    #[test]
+    fn warnings_name_what_can_never_apply() {
+        assert_eq!(warnings(DEFAULT_CONFIG), Vec::<String>::new());
+        let file = UsersFile::new(&["alice"]);
+        let alice = "[[socks_rule]]\nname = \"a\"\naction = \"pass\"\nusers = [\"alice\"]\n";
+
+        // Username first: a client with credentials logs in.
+        let both = file.auth(r#"["username", "none"]"#);
+        assert_eq!(warnings(&format!("{both}{alice}")), Vec::<String>::new());
+
+        // "none" first, with a rule naming a user: that rule can never match a client that may
+        // skip the login.
+        let none_first = file.auth(r#"["none", "username"]"#);
+        let w = warnings(&format!("{none_first}{alice}"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("`auth.methods`: \"none\" comes before"),
+            "{w:?}"
+        );
+        // ... or a per-user rate.
+        let w = warnings(&format!(
+            "{none_first}[limits]\nuser_bandwidth = {{ alice = \"1mbit\" }}\n"
+        ));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("`auth.methods`"), "{w:?}");
+        // Nothing names a user: the order does not matter.
+        assert_eq!(warnings(&none_first), Vec::<String>::new());
+        // Client rules that never allow both methods to the same client leave no such client.
+        let split = "[[client_rule]]\naction = \"pass\"\nfrom = [\"10.0.0.0/8\"]\nmethods = [\"username\"]\n\
+                     [[client_rule]]\naction = \"pass\"\nmethods = [\"none\"]\n";
+        assert_eq!(
+            warnings(&format!("{none_first}{split}{alice}")),
+            Vec::<String>::new()
+        );
+        // A blocking client rule allowing both does not count.
+        let blocked = "[[client_rule]]\naction = \"block\"\nfrom = [\"10.0.0.0/8\"]\n\
+                       [[client_rule]]\naction = \"pass\"\nmethods = [\"username\"]\n";
+        assert_eq!(
+            warnings(&format!("{none_first}{blocked}{alice}")),
+            Vec::<String>::new()
+        );
+
+        // Users the file does not list.
+        let w = warnings(&format!(
+            "{both}[limits]\nuser_bandwidth = {{ bob = \"1mbit\" }}\n\
+             [[socks_rule]]\nname = \"typo\"\naction = \"pass\"\nusers = [\"alice\", \"alcie\"]\n"
+        ));
+        assert_eq!(
+            w,
+            [
+                r#"`socks_rule[0].users`: "alcie" (rule "typo") is not in auth.users_file, so it never matches"#,
+                r#"`limits.user_bandwidth.bob`: "bob" is not in auth.users_file, so this rate never applies"#,
+            ],
+        );
+
+        // Users named where nobody can log in.
+        let w = warnings(
+            "[auth]\nmethods = [\"none\"]\n[limits]\nuser_bandwidth = { alice = \"1mbit\" }\n\
+             [[socks_rule]]\nname = \"a\"\naction = \"pass\"\nusers = [\"alice\", \"bob\"]\n",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("`socks_rule[0].users`: rule \"a\" matches only the users it names")
+                && w[0].ends_with("never matches"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("`limits.user_bandwidth.alice`: auth.methods does not offer"),
+            "{w:?}"
+        );
+
+        // An empty users file.
+        let empty = UsersFile::new(&[]);
+        let w = warnings(&empty.auth(r#"["username"]"#));
+        assert_eq!(
+            w,
+            [format!(
+                "`auth.users_file`: {} lists no user, so every login fails",
+                empty.0.display()
+            )]
+        );
     }
 }

@@ -313,6 +313,9 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut config = config;
     opts.overrides.apply(&mut config);
+    for w in config.warnings() {
+        tracing::warn!("configuration: {w}");
+    }
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let (mut kernel, sockmap_ok) = load_kernel(&config);
     let xdp = udp::xdp::start_configured(kernel.as_mut().map(Kernel::ebpf_mut), &config.udp)
@@ -582,8 +585,12 @@ async fn reload_loop(
         match loaded {
             Ok(Ok(mut c)) => {
                 overrides.apply(&mut c);
+                let warnings = c.warnings();
                 shared.replace_config(c);
                 tracing::info!(file = %path.display(), "configuration reloaded");
+                for w in warnings {
+                    tracing::warn!(file = %path.display(), "configuration: {w}");
+                }
             }
             Ok(Err(e)) => {
                 tracing::error!(file = %path.display(), cause = %e, "configuration not reloaded, keeping the previous one")

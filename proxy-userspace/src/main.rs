@@ -45,7 +45,12 @@ fn output(text: &str) -> ExitCode {
 
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
-        Ok(c) => output(&c.to_toml()),
+        Ok(c) => {
+            for w in c.warnings() {
+                eprintln!("ebsocks: {}: warning: {w}", file.display());
+            }
+            output(&c.to_toml())
+        }
         Err(e) => {
             eprintln!("ebsocks: {}: {e}", file.display());
             ExitCode::from(2)

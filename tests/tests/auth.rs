@@ -130,6 +130,72 @@ async fn username_auth_missing_credentials_gets_ff() {
     daemon.stop();
 }
 
+/// The server picks the first of its methods that the client offers. With "none" first, a
+/// client offering both (as curl does when the proxy URL has a user name) is never asked to
+/// log in, so a rule naming a user never matches it: the daemon warns at start-up. With
+/// "username" first, reloaded, that client logs in and the rule passes it, while a client
+/// offering only "none" still gets "none", and the reloaded file draws no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_first_lets_a_client_offering_both_log_in() {
+    if !require_privileged("RFC 1929 authentication") {
+        return;
+    }
+    const WARNING: &str = "`auth.methods`: \"none\" comes before \"username\"";
+    let rules = "[[socks_rule]]\nname = \"alice\"\naction = \"pass\"\nusers = [\"alice\"]\n";
+    let daemon = Daemon::start(DaemonOpts {
+        extra_toml: format!("{}{rules}", users().auth_toml(&["none", "username"])),
+        ..DaemonOpts::default()
+    });
+    let log = daemon.stderr_log();
+    assert_eq!(
+        log.matches(WARNING).count(),
+        1,
+        "no start-up warning:\n{log}"
+    );
+    let target = Echo::start("127.0.0.1:0").await;
+    let both = [socks::METHOD_NO_AUTH, socks::METHOD_USERPASS];
+    let (_s, m) = offer(daemon.addr(), &both).await;
+    assert_eq!(m, socks::METHOD_NO_AUTH, "\"none\" first: method chosen");
+
+    daemon.rewrite_config(&format!(
+        "{}{rules}",
+        users().auth_toml(&["username", "none"])
+    ));
+    daemon.sighup();
+    proxy_integration::checks::wait_log(&daemon, "configuration reloaded", 1).await;
+    let (mut s, m) = offer(daemon.addr(), &both).await;
+    assert_eq!(
+        m,
+        socks::METHOD_USERPASS,
+        "\"username\" first: method chosen"
+    );
+    s.write_all(&socks::userpass_request("alice", ALICE_PW))
+        .await
+        .unwrap();
+    let status = within(LIMIT, "RFC 1929 reply", socks::read_auth_status(&mut s))
+        .await
+        .unwrap_or_else(|e| panic!("RFC 1929 reply: {e}"));
+    assert_eq!(status, 0, "alice's login");
+    s.write_all(&socks::request(socks::CMD_CONNECT, &target.addr.into()))
+        .await
+        .unwrap();
+    let reply = within(LIMIT, "reply", socks::read_reply(&mut s))
+        .await
+        .unwrap_or_else(|e| panic!("reply: {e}"));
+    assert_eq!(reply.code, socks::REP_SUCCEEDED, "alice's CONNECT");
+    echo(&mut s, 0xa0a0_0009, "echo for alice").await;
+    // A client without credentials still needs none, and the rule does not pass it.
+    let (_s, m) = offer(daemon.addr(), &[socks::METHOD_NO_AUTH]).await;
+    assert_eq!(m, socks::METHOD_NO_AUTH, "a client offering only \"none\"");
+    let log = daemon.stderr_log();
+    assert_eq!(
+        log.matches(WARNING).count(),
+        1,
+        "the reloaded file drew the warning too:\n{log}"
+    );
+    daemon.stop();
+}
+
 /// Per-client-rule methods: 127.0.0.0/8 may only use "none", ::1 only "username", while
 /// the server offers both (username first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,31 @@ fn a_bad_config_exits_2_naming_the_key() {
     let _ = std::fs::remove_file(path);
 }
 
+/// A valid file with settings that can never apply (a rule naming a user the users file does
+/// not list) is printed with exit status 0, the warning on stderr naming the key.
+#[test]
+fn check_config_warns_about_what_never_applies() {
+    let users = proxy_integration::UsersFile::new(&[("alice", "pw")]);
+    let path = temp_config(
+        "warn",
+        &format!(
+            "{}[[socks_rule]]\nname = \"staff\"\naction = \"pass\"\nusers = [\"alcie\"]\n",
+            users.auth_toml(&["username"])
+        ),
+    );
+    let out = check_config(&[path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(
+            "warning: `socks_rule[0].users`: \"alcie\" (rule \"staff\") is not in auth.users_file"
+        ),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("staff"));
+    let _ = std::fs::remove_file(path);
+}
+
 /// Output into a reader that went away (`ebsocks check-config F | head -1`, once head has
 /// exited) ends the command quietly with status 0: no panic, nothing on stderr.
 #[test]
