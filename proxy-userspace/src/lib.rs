@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod registry;
 pub mod relay;
+pub mod resolve;
 pub mod session;
 pub mod stats;
 pub mod sys;
@@ -75,6 +76,8 @@ pub struct Shared {
     pub parking: Arc<Parking>,
     /// Slows down repeated authentication failures per source address.
     pub auth_failures: FailureTracker,
+    /// Name resolution, bounded daemon-wide.
+    pub names: resolve::Names,
     /// Sessions per client address, for `limits.max_sessions_per_client`.
     per_client: Mutex<HashMap<IpAddr, usize>>,
     /// Live sessions.
@@ -363,6 +366,7 @@ pub async fn run(
         watcher,
         parking: Arc::default(),
         auth_failures: FailureTracker::new(),
+        names: resolve::Names::default(),
         per_client: Mutex::new(HashMap::new()),
         registry: Registry::default(),
         started: Instant::now(),

@@ -20,7 +20,7 @@ use proxy_socks5::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpSocket, TcpStream},
-    time::timeout,
+    time::{timeout, timeout_at},
 };
 
 use crate::{
@@ -721,13 +721,16 @@ async fn authenticate(
 }
 
 /// Applies the rules to the request. For a domain, the name is checked first, then every
-/// resolved address; only addresses that pass are returned.
+/// resolved address; only addresses that pass are returned. The resolution must end by
+/// `deadline` (a resolver that never answers would otherwise hold the client for as long as the
+/// system resolver's own retries last).
 async fn authorize(
     shared: &Shared,
     session: &SessionHandle,
     config: &Config,
     peer: SocketAddr,
     n: &Negotiated,
+    deadline: tokio::time::Instant,
 ) -> Result<Vec<SocketAddr>, (Reply, SessionError)> {
     let info = |dest| RequestInfo {
         client: peer.ip().to_canonical(),
@@ -771,14 +774,20 @@ async fn authorize(
             }
             session.set_state(State::Resolving);
             let t0 = Instant::now();
-            let lookup = tokio::net::lookup_host((host.as_str(), *port)).await;
+            let lookup = timeout_at(deadline, shared.names.lookup(host)).await;
             shared
                 .metrics
                 .observe(proxy_common::metrics::DNS_LATENCY, t0.elapsed());
             let resolved: Vec<SocketAddr> = match lookup {
-                Ok(it) => it.collect(),
-                Err(e) => {
-                    let reason = format!("cannot resolve {host}: {e}");
+                Ok(Ok(ips)) => ips.iter().map(|&ip| SocketAddr::new(ip, *port)).collect(),
+                failed => {
+                    let reason = match failed {
+                        Ok(Err(e)) => format!("cannot resolve {host}: {e}"),
+                        _ => format!(
+                            "resolving {host} timed out (timeouts.connect, {:?})",
+                            config.timeouts.connect
+                        ),
+                    };
                     let failure = Failure::ResolveFailed;
                     return Err((
                         Reply::HostUnreachable,
@@ -831,7 +840,9 @@ async fn serve(
     n: Negotiated,
 ) -> Result<Next, SessionError> {
     let replier = Replier { version: n.version };
-    let targets = match Box::pin(authorize(shared, session, config, peer, &n)).await {
+    // `timeouts.connect` bounds resolving the target's name and connecting to it, together.
+    let deadline = tokio::time::Instant::now() + config.timeouts.connect;
+    let targets = match Box::pin(authorize(shared, session, config, peer, &n, deadline)).await {
         Ok(t) => t,
         Err((reply, e)) => return replier.refuse(&mut client, reply, e).await,
     };
@@ -840,31 +851,30 @@ async fn serve(
         acl::Command::Connect => {
             session.set_state(State::Connecting);
             let t0 = Instant::now();
-            let upstream =
-                match timeout(config.timeouts.connect, Box::pin(connect(config, &targets))).await {
-                    Ok(Ok(s)) => {
-                        shared
-                            .metrics
-                            .observe(proxy_common::metrics::CONNECT_LATENCY, t0.elapsed());
-                        s
-                    }
-                    Ok(Err(e)) => {
-                        let reply = reply_for(&e);
-                        let reason = format!("connect to {}: {e}", n.address);
-                        return replier
-                            .refuse(&mut client, reply, refused(reply, reason))
-                            .await;
-                    }
-                    Err(_) => {
-                        let reason = format!("connect to {} timed out", n.address);
-                        let err = SessionError::Refused {
-                            reply: Reply::TtlExpired,
-                            reason,
-                            failure: Failure::ConnectTimeout,
-                        };
-                        return replier.refuse(&mut client, Reply::TtlExpired, err).await;
-                    }
-                };
+            let upstream = match timeout_at(deadline, Box::pin(connect(config, &targets))).await {
+                Ok(Ok(s)) => {
+                    shared
+                        .metrics
+                        .observe(proxy_common::metrics::CONNECT_LATENCY, t0.elapsed());
+                    s
+                }
+                Ok(Err(e)) => {
+                    let reply = reply_for(&e);
+                    let reason = format!("connect to {}: {e}", n.address);
+                    return replier
+                        .refuse(&mut client, reply, refused(reply, reason))
+                        .await;
+                }
+                Err(_) => {
+                    let reason = format!("connect to {} timed out", n.address);
+                    let err = SessionError::Refused {
+                        reply: Reply::TtlExpired,
+                        reason,
+                        failure: Failure::ConnectTimeout,
+                    };
+                    return replier.refuse(&mut client, Reply::TtlExpired, err).await;
+                }
+            };
             let bound = upstream
                 .local_addr()
                 .map_err(io_err("reading the outbound address"))?;
@@ -1220,6 +1230,7 @@ async fn udp_associate(
         idle: config.timeouts.udp_idle,
         xdp: shared.xdp.as_ref(),
         offload: config.udp.offload,
+        names: &shared.names,
     };
     udp::associate(client, &n.address, &policy)
         .await

@@ -75,6 +75,7 @@ impl Assoc {
             requested,
         } = opts;
         let task = tokio::spawn(async move {
+            let names = ebsocks::resolve::Names::default();
             let policy = UdpPolicy {
                 metrics: &m,
                 allow: &*allow,
@@ -82,6 +83,7 @@ impl Assoc {
                 idle,
                 xdp: None,
                 offload: false,
+                names: &names,
             };
             associate(&mut server, &requested, &policy).await
         });

@@ -155,3 +155,172 @@ async fn idle_client_is_closed_after_negotiation_timeout(#[case] greet: bool) {
     );
     daemon.stop();
 }
+
+/// The names asked of a DNS server, from the queries it received (RFC 1035 4.1.2).
+fn query_name(packet: &[u8]) -> Option<String> {
+    let mut labels = Vec::new();
+    let mut at = 12;
+    loop {
+        let len = usize::from(*packet.get(at)?);
+        if len == 0 {
+            return Some(labels.join("."));
+        }
+        labels.push(String::from_utf8_lossy(packet.get(at + 1..at + 1 + len)?).into_owned());
+        at += 1 + len;
+    }
+}
+
+/// A resolver that never answers. `timeouts.connect` bounds resolving the name and connecting
+/// together, so the client gets reply 0x04 once it has passed, not when the system resolver's
+/// retries end (30 s here). A burst of such requests, more than tokio's 512 blocking threads,
+/// leaves logins working: the daemon runs at most 256 lookups at once and skips those whose
+/// sessions gave up, so the password checks, which share that pool, still find a thread. The
+/// daemon sees, in a mount namespace of its own, a resolv.conf naming a loopback server that
+/// reads the queries and answers none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_never_answers_is_bounded_by_the_connect_timeout() {
+    if !require_privileged("CONNECTs to names the resolver never answers") {
+        return;
+    }
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    const BURST: usize = 640;
+    const MAX_LOOKUPS: usize = 256;
+    let server = std::net::UdpSocket::bind("127.53.0.1:53").expect("bind 127.53.0.1:53");
+    server
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = {
+        let (asked, stop) = (asked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut packet = [0u8; 512];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, _)) = server.recv_from(&mut packet) {
+                    if let Some(name) = query_name(&packet[..n]) {
+                        asked.lock().unwrap().insert(name);
+                    }
+                }
+            }
+        })
+    };
+    let names_asked = || asked.lock().unwrap().len();
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.53.0.1\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    // Names go to that server alone, whatever this host's name service switch holds.
+    let nsswitch = dir.path().join("nsswitch.conf");
+    std::fs::write(&nsswitch, "hosts: files dns\n").unwrap();
+    let wrapper = vec![
+        "unshare".to_owned(),
+        "-m".to_owned(),
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!(
+            "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/nsswitch.conf && exec \"$@\"",
+            resolv.display(),
+            nsswitch.display()
+        ),
+        "sh".to_owned(),
+    ];
+    let users = proxy_integration::UsersFile::new(&[("alice", "pw")]);
+    let daemon = Daemon::start(DaemonOpts {
+        extra_toml: format!(
+            "{}[timeouts]\nconnect = \"{}s\"\n",
+            users.auth_toml(&["username", "none"]),
+            CONNECT_TIMEOUT.as_secs()
+        ),
+        wrapper,
+        ..DaemonOpts::default()
+    });
+
+    // One request, alone: the reply comes at the timeout.
+    let target = Target::Domain("never-answered.example".into(), 80);
+    let t0 = Instant::now();
+    let code = reply_code(&daemon, &socks::request(socks::CMD_CONNECT, &target)).await;
+    let took = t0.elapsed();
+    assert_eq!(
+        code,
+        socks::REP_HOST_UNREACHABLE,
+        "CONNECT to an unanswered name"
+    );
+    assert!(
+        took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + PROMPT,
+        "the reply came after {took:?}, with timeouts.connect = {CONNECT_TIMEOUT:?}"
+    );
+    // The daemon did ask that server, so the reply is the timeout's and not another failure's.
+    assert!(names_asked() >= 1, "the silent name server got no query");
+    proxy_integration::checks::wait_log(&daemon, "resolving never-answered.example timed out", 1)
+        .await;
+
+    // A burst of requests for names of their own.
+    let proxy = daemon.addr();
+    let burst: Vec<_> = (0..BURST)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(proxy).await?;
+                s.write_all(&socks::greeting()).await?;
+                socks::read_method(&mut s).await?;
+                let target = Target::Domain(format!("n{i}.never-answered.example"), 80);
+                s.write_all(&socks::request(socks::CMD_CONNECT, &target))
+                    .await?;
+                let t0 = Instant::now();
+                let reply = socks::read_reply(&mut s).await?;
+                Ok::<_, std::io::Error>((reply.code, t0.elapsed()))
+            })
+        })
+        .collect();
+    proxy_integration::poll_until(
+        LIMIT,
+        "the burst's lookups to reach the name server",
+        |_| (names_asked() >= MAX_LOOKUPS / 2).then_some(()),
+    )
+    .await;
+    // While those lookups hold their threads, a login and a CONNECT to an address work.
+    let echo = proxy_integration::Echo::start("127.0.0.1:0").await;
+    let mut s = within(
+        Duration::from_secs(5),
+        "a login and a CONNECT during the burst",
+        socks::connect_auth(proxy, &socks::Auth::user("alice", "pw"), echo.addr),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    within(LIMIT, "the echo", s.read_exact(&mut pong))
+        .await
+        .expect("the echo");
+    assert_eq!(&pong, b"ping");
+    drop(s);
+
+    for (i, b) in burst.into_iter().enumerate() {
+        let (code, took) = within(LIMIT * 2, "a reply to the burst", b)
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("request {i} of the burst: {e}"));
+        assert_eq!(
+            code,
+            socks::REP_HOST_UNREACHABLE,
+            "request {i} of the burst"
+        );
+        assert!(
+            took < CONNECT_TIMEOUT + PROMPT,
+            "request {i} of the burst was answered after {took:?}"
+        );
+    }
+    let asked_in_all = names_asked();
+    assert!(
+        asked_in_all <= MAX_LOOKUPS + 1,
+        "{asked_in_all} names were asked at once; at most {MAX_LOOKUPS} lookups may run"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    listener.join().unwrap();
+    proxy_integration::checks::wait_counter(&daemon, "failures_resolve_failed", BURST as u64 + 1)
+        .await;
+    daemon.stop();
+}

@@ -66,6 +66,8 @@ pub struct UdpPolicy<'a> {
     pub xdp: Option<&'a xdp::XdpPlane>,
     /// Whether flows to literal addresses are handed to XDP (`udp.offload`).
     pub offload: bool,
+    /// The daemon's resolver, for domain destinations.
+    pub names: &'a crate::resolve::Names,
 }
 
 /// How an association went, for the session's log line.
@@ -152,7 +154,7 @@ pub async fn associate(
         xdp_seen: 0,
         client,
         targets: Targets::default(),
-        resolver: Resolver::default(),
+        resolver: Resolver::new(policy.names.clone()),
         rx,
         tx: SendBatch::new(),
         totals: Totals::default(),

@@ -13,6 +13,8 @@ use tokio::{
     time::Instant,
 };
 
+use crate::resolve::Names;
+
 /// Targets remembered per association; past this the oldest is forgotten, and its replies are
 /// then dropped as foreign.
 pub const MAX_TARGETS: usize = 4096;
@@ -107,8 +109,8 @@ pub struct Resolved {
 /// Asynchronous name resolution with a small cache, so that the relay goes on moving other
 /// datagrams while a name resolves and a stream to one name resolves it once a minute.
 ///
-/// Lookups run as tasks on tokio's resolver (`getaddrinfo` on the blocking pool); dropping the
-/// resolver aborts them. An expired entry that resolved is still used while it is refreshed,
+/// Lookups run as tasks on the daemon's resolver ([`Names`]); dropping the resolver aborts
+/// them. An expired entry that resolved is still used while it is refreshed,
 /// so a steady stream is not held up at each expiry.
 #[derive(Debug, Default)]
 pub struct Resolver {
@@ -116,9 +118,18 @@ pub struct Resolver {
     pending: HashMap<String, Pending>,
     tasks: JoinSet<(String, io::Result<Vec<IpAddr>>)>,
     queued_bytes: usize,
+    names: Names,
 }
 
 impl Resolver {
+    /// A resolver for one association, on the daemon's `names`.
+    pub fn new(names: Names) -> Self {
+        Self {
+            names,
+            ..Self::default()
+        }
+    }
+
     /// Looks `name` up in the cache. A stale hit starts a refresh in the background.
     pub fn get(&mut self, name: &str, now: Instant) -> Cached<'_> {
         let (stale, failed) = match self.cache.get(name) {
@@ -164,14 +175,10 @@ impl Resolver {
 
     fn start(&mut self, name: String, queue: Vec<(u16, Vec<u8>)>) {
         let lookup_name = name.clone();
+        let names = self.names.clone();
         let handle = self.tasks.spawn(async move {
-            let res = match tokio::time::timeout(
-                LOOKUP_TIMEOUT,
-                tokio::net::lookup_host((lookup_name.as_str(), 0)),
-            )
-            .await
-            {
-                Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip()).collect()),
+            let res = match tokio::time::timeout(LOOKUP_TIMEOUT, names.lookup(&lookup_name)).await {
+                Ok(Ok(ips)) => Ok(ips.to_vec()),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
