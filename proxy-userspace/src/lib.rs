@@ -425,6 +425,13 @@ pub async fn run(
         };
         privileges::drop_to(id, &handover)?;
         tracing::info!(user = %run_as.user, uid = id.uid, gid = id.gid, "privileges dropped");
+        // SIGHUP re-reads these as that user: say so now rather than at the first reload.
+        let files = opts.config_path.iter().chain(&config.auth.users_file);
+        for file in files {
+            if let Err(e) = std::fs::File::open(file) {
+                tracing::warn!(file = %file.display(), user = %run_as.user, cause = %e, "{} cannot read {}, so SIGHUP will not reload the configuration; make it readable by that user", run_as.user, file.display());
+            }
+        }
     }
     drop(config);
     sys::release_free_memory();
@@ -597,7 +604,23 @@ async fn reload_loop(
                 }
             }
             Ok(Err(e)) => {
-                tracing::error!(file = %path.display(), cause = %e, "configuration not reloaded, keeping the previous one")
+                let config = shared.config();
+                let denied = |f: &PathBuf| {
+                    std::fs::File::open(f)
+                        .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+                };
+                let unreadable = std::iter::once(&path)
+                    .chain(&config.auth.users_file)
+                    .find(|f| denied(f));
+                let hint = match (&config.run_as, unreadable) {
+                    (Some(run_as), Some(f)) => format!(
+                        " ({} cannot read {}: the daemon runs as that user since it dropped privileges)",
+                        run_as.user,
+                        f.display()
+                    ),
+                    _ => String::new(),
+                };
+                tracing::error!(file = %path.display(), cause = %format_args!("{e}{hint}"), "configuration not reloaded, keeping the previous one")
             }
             Err(e) => tracing::error!(cause = %e, "configuration reload failed"),
         }

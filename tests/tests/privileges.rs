@@ -2,7 +2,7 @@
 //! (every thread), and still splices in the kernel, reloads on SIGHUP and removes its pins and
 //! control socket at exit.
 
-use std::time::Duration;
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
 use proxy_integration::{
     checks::{assert_path_used, wait_log, wait_sessions_drained},
@@ -96,6 +96,10 @@ async fn runs_as_nobody_without_capabilities_and_still_splices() {
         !log.contains("cannot set the pacing rate"),
         "pacing failed as nobody:\n{log}"
     );
+    assert!(
+        !log.contains("cannot read"),
+        "a readable config was warned about:\n{log}"
+    );
 
     // SIGHUP still reloads: the config file is readable by nobody.
     daemon.rewrite_config(&format!("{extra}[timeouts]\nidle = \"2m\"\n"));
@@ -115,6 +119,52 @@ async fn runs_as_nobody_without_capabilities_and_still_splices() {
     // `stop` checks exit status 0 and that the pin directory is gone.
     daemon.stop();
     assert!(!control.exists(), "control socket left behind");
+}
+
+/// A users file the unprivileged user cannot read (SIGHUP re-reads it with the configuration):
+/// the daemon says so at start-up, the SIGHUP that fails says why, and once the file is
+/// readable by that user the next one reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_user_cannot_read_is_named_at_start_up() {
+    if !require_privileged("privilege drop") {
+        return;
+    }
+    // Root's, mode 0600.
+    let users = proxy_integration::UsersFile::new(&[("alice", "pw")]);
+    std::fs::set_permissions(users.path(), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the users file");
+    let extra = format!(
+        "user = \"nobody\"\ncontrol_socket = \"off\"\n{}",
+        users.auth_toml(&["username"])
+    );
+    let daemon = Daemon::start(DaemonOpts {
+        extra_toml: extra.clone(),
+        dir_owner: Some((NOBODY, nobody_group())),
+        ..DaemonOpts::default()
+    });
+    let file = users.path().display().to_string();
+    let warning = format!("nobody cannot read {file}, so SIGHUP will not reload");
+    let log = daemon.stderr_log();
+    assert_eq!(
+        log.matches(&warning).count(),
+        1,
+        "no start-up warning:\n{log}"
+    );
+    assert_eq!(log.matches("cannot read").count(), 1, "{log}");
+    daemon.sighup();
+    wait_log(&daemon, "not reloaded", 1).await;
+    let log = daemon.stderr_log();
+    assert!(
+        log.contains(&format!(
+            "(nobody cannot read {file}: the daemon runs as that user since it dropped privileges)"
+        )),
+        "the failed reload does not say why:\n{log}"
+    );
+    std::os::unix::fs::chown(users.path(), Some(NOBODY), None).expect("chown the users file");
+    daemon.rewrite_config(&format!("{extra}[timeouts]\nidle = \"2m\"\n"));
+    daemon.sighup();
+    wait_log(&daemon, "configuration reloaded", 1).await;
+    daemon.stop();
 }
 
 /// A `user` that does not exist stops the start-up: a daemon told to drop root must not go on
