@@ -351,6 +351,53 @@ struct RawLog {
     format: Option<String>,
 }
 
+/// Two listen addresses the daemon cannot bind both of: the index of the second and why. The
+/// same address twice, or an address and the wildcard of its family at the same port
+/// (`0.0.0.0`, `[::]`), would otherwise fail at start-up with "Address already in use", as if
+/// another program held the port. An IPv4 address and `[::]` at the same port do not conflict:
+/// the daemon then binds `[::]` to IPv6 alone ([`ipv6_only`]).
+/// `name` names an entry by its index in messages (`listen[0]`).
+pub fn listen_conflict(
+    listen: &[SocketAddr],
+    name: impl Fn(usize) -> String,
+) -> Option<(usize, String)> {
+    let canonical = |a: &SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    for (j, b) in listen.iter().enumerate() {
+        for (i, a) in listen[..j].iter().enumerate() {
+            let (ca, cb) = (canonical(a), canonical(b));
+            if ca.port() != cb.port() || ca.port() == 0 || ca.is_ipv4() != cb.is_ipv4() {
+                continue;
+            }
+            if ca.ip() == cb.ip() {
+                return Some((j, format!("{b} is listed twice (also {})", name(i))));
+            }
+            if let Some(wild) = [a, b].into_iter().find(|x| x.ip().is_unspecified()) {
+                let family = if ca.is_ipv4() { "IPv4" } else { "IPv6" };
+                return Some((
+                    j,
+                    format!(
+                        "{b} and {}, {a}, overlap: {wild} already listens on every {family} \
+                         address at port {}; keep one of them",
+                        name(i),
+                        b.port()
+                    ),
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Whether the IPv6 listener at `addr` is bound to IPv6 alone (`IPV6_V6ONLY`): the wildcard
+/// `[::]` serves IPv4 clients too unless `listen` also has an IPv4 address at its port, which
+/// then serves them.
+pub fn ipv6_only(addr: SocketAddr, listen: &[SocketAddr]) -> bool {
+    addr.is_ipv6()
+        && listen
+            .iter()
+            .any(|a| a.is_ipv4() && a.port() == addr.port() && addr.port() != 0)
+}
+
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     const UNITS: &str = "ms, s, m or h";
@@ -687,6 +734,9 @@ impl TryFrom<RawConfig> for Config {
         if listen.is_empty() {
             return Err(invalid("listen", "needs at least one address"));
         }
+        if let Some((i, problem)) = listen_conflict(&listen, |i| format!("listen[{i}]")) {
+            return Err(invalid(format!("listen[{i}]"), problem));
+        }
 
         let data_path = match data_path {
             None => DataPathMode::Auto,
@@ -1011,6 +1061,12 @@ mod tests {
             ("[metrics]\nlisten = \"9108\"", "metrics.listen"),
             ("[metrics]\nlisten = \"0.0.0.0:9108\"", "metrics.listen"),
             ("listen = []", "listen"),
+            ("listen = [\"127.0.0.1:1\", \"127.0.0.1:1\"]", "listen[1]"),
+            (
+                "listen = [\"0.0.0.0:1\", \"127.0.0.1:2\", \"127.0.0.1:1\"]",
+                "listen[2]",
+            ),
+            ("listen = [\"[::1]:1\", \"[::]:1\"]", "listen[1]"),
             ("user = \"\"", "user"),
             ("user = \"a b\"", "user"),
             ("group = \"nogroup\"", "group"),
@@ -1021,6 +1077,46 @@ mod tests {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn listen_addresses_that_cannot_all_be_bound() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        let conflict = |list: &[&str]| listen_conflict(&addrs(list), |i| format!("listen[{i}]"));
+        assert_eq!(
+            conflict(&["127.0.0.1:1080", "[::1]:1080", "127.0.0.1:1080"]),
+            Some((
+                2,
+                "127.0.0.1:1080 is listed twice (also listen[0])".to_owned()
+            ))
+        );
+        assert_eq!(
+            conflict(&["127.0.0.1:1080", "0.0.0.0:1080"]),
+            Some((
+                1,
+                "0.0.0.0:1080 and listen[0], 127.0.0.1:1080, overlap: 0.0.0.0:1080 already \
+                 listens on every IPv4 address at port 1080; keep one of them"
+                    .to_owned()
+            ))
+        );
+        // An IPv4-mapped address is the IPv4 one.
+        assert!(conflict(&["[::ffff:127.0.0.1]:1080", "127.0.0.1:1080"]).is_some());
+        // Different ports, families, or ports the kernel picks: all can be bound.
+        for ok in [
+            &["0.0.0.0:1080", "[::]:1080"][..],
+            &["[::]:1080", "127.0.0.1:1080"],
+            &["0.0.0.0:1080", "0.0.0.0:1081"],
+            &["127.0.0.1:0", "127.0.0.1:0"],
+        ] {
+            assert_eq!(conflict(ok), None, "{ok:?}");
+        }
+        // `[::]` takes IPv6 alone only when an IPv4 address shares its port.
+        let both = addrs(&["0.0.0.0:1080", "[::]:1080"]);
+        assert!(ipv6_only(both[1], &both));
+        let alone = addrs(&["[::]:1080", "127.0.0.1:1081"]);
+        assert!(!ipv6_only(alone[0], &alone));
     }
 
     #[test]

@@ -263,13 +263,22 @@ pub enum Error {
     },
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    if addr.is_ipv6() {
+        // Set either way, so that `net.ipv6.bindv6only` does not decide.
+        sys::setsockopt_int(
+            sock.as_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            libc::c_int::from(v6only),
+        )?;
+    }
     // Accepted sockets inherit TCP_NODELAY: replies and relayed chunks are never held back
     // waiting for an acknowledgement, and no session pays a setsockopt(2) for it.
     sock.set_nodelay(true)?;
@@ -329,7 +338,8 @@ pub async fn run(
 
     let mut listeners = Vec::new();
     for &addr in &config.listen {
-        listeners.push(bind(addr).map_err(|source| Error::Bind { addr, source })?);
+        let v6only = config::ipv6_only(addr, &config.listen);
+        listeners.push(bind(addr, v6only).map_err(|source| Error::Bind { addr, source })?);
     }
     let watcher = Watcher::start().map_err(|source| Error::Io {
         context: "creating the epoll set",
@@ -674,7 +684,7 @@ pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn accepted_sockets_start_with_nodelay() {
-        let listener = super::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let listener = super::bind("127.0.0.1:0".parse().unwrap(), false).expect("bind");
         let addr = listener.local_addr().unwrap();
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");

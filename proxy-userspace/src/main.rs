@@ -145,6 +145,11 @@ fn run(args: RunArgs) -> ExitCode {
         },
         None => Config::embedded_default(),
     };
+    let nth = |i: usize| format!("--listen #{}", i + 1);
+    if let Some((i, problem)) = ebsocks::config::listen_conflict(&listen, nth) {
+        eprintln!("ebsocks: {}: {problem}", nth(i));
+        return ExitCode::from(2);
+    }
     let overrides = Overrides {
         listen,
         data_path: data_path.map(Into::into),

@@ -82,6 +82,23 @@ fn check_config_warns_about_what_never_applies() {
     let _ = std::fs::remove_file(path);
 }
 
+/// `run --listen` with two addresses that cannot both be bound stops before anything is
+/// loaded, naming both, with exit status 2 (it used to fail binding the second, with "Address
+/// already in use" as if another program held the port).
+#[test]
+fn run_with_overlapping_listen_addresses_exits_2() {
+    let out = Command::new(daemon_binary())
+        .args(["run", "--listen", "0.0.0.0:1", "--listen", "127.0.0.1:1"])
+        .output()
+        .expect("run ebsocks run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--listen #2: 127.0.0.1:1 and --listen #1, 0.0.0.0:1, overlap"),
+        "{stderr}"
+    );
+}
+
 /// Output into a reader that went away (`ebsocks check-config F | head -1`, once head has
 /// exited) ends the command quietly with status 0: no panic, nothing on stderr.
 #[test]

@@ -114,3 +114,56 @@ async fn connect_domain_localhost(#[case] path: DataPath) {
     .await;
     daemon.stop();
 }
+
+/// Every address of both families at one port, as operators write it:
+/// `listen = ["0.0.0.0:P", "[::]:P"]`. On Linux `[::]` also takes IPv4 unless told not to
+/// (`net.ipv6.bindv6only` is 0 by default), so binding it after `0.0.0.0` failed with
+/// "Address already in use"; the daemon now binds `[::]` to IPv6 alone when an IPv4 address
+/// shares its port, and serves IPv4 clients on the one and IPv6 clients on the other. `[::]`
+/// alone still serves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_of_both_families_on_one_port() {
+    if !require_privileged("listening on both wildcards") {
+        return;
+    }
+    if !ipv6_loopback() && !skip_or_panic("IPv6", "cannot bind [::1]") {
+        return;
+    }
+    let echo = Echo::start("127.0.0.1:0").await;
+    for listen in [
+        vec!["0.0.0.0", "[::]"],
+        vec!["[::]", "0.0.0.0"],
+        vec!["[::]"],
+    ] {
+        let port = std::net::TcpListener::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen: Vec<String> = listen.iter().map(|a| format!("{a}:{port}")).collect();
+        let daemon = Daemon::start(DaemonOpts {
+            listen: listen.clone(),
+            ..DaemonOpts::path(DataPath::Splice)
+        });
+        for client in ["127.0.0.1", "[::1]"] {
+            let proxy: std::net::SocketAddr = format!("{client}:{port}").parse().unwrap();
+            let mut s = socks::connect(proxy, echo.addr).await;
+            within(
+                LIMIT,
+                "echo",
+                exchange(
+                    &mut s,
+                    Plan {
+                        send: Some((7, 4096)),
+                        recv: (7, 4096),
+                    },
+                ),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{listen:?}, client {client}: {e}"));
+            drop(s);
+        }
+        proxy_integration::checks::wait_sessions_drained(&daemon).await;
+        daemon.stop();
+    }
+}
