@@ -176,16 +176,21 @@ fn query_name(packet: &[u8]) -> Option<String> {
 /// leaves logins working: the daemon runs at most 256 lookups at once and skips those whose
 /// sessions gave up, so the password checks, which share that pool, still find a thread. The
 /// daemon sees, in a mount namespace of its own, a resolv.conf naming a loopback server that
-/// reads the queries and answers none.
+/// reads the queries and answers none, all in a network namespace of the test's own (so that
+/// a name server this host may run on port 53 is not in the way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolver_that_never_answers_is_bounded_by_the_connect_timeout() {
-    if !require_privileged("CONNECTs to names the resolver never answers") {
+    if !proxy_integration::netns::require("CONNECTs to names the resolver never answers") {
         return;
     }
+    let ns = proxy_integration::netns::Netns::new(format!("ebx-dns-{}", std::process::id()));
+    let connect = |to| proxy_integration::netns::Topology::tcp(&ns, to);
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
     const BURST: usize = 640;
     const MAX_LOOKUPS: usize = 256;
-    let server = std::net::UdpSocket::bind("127.53.0.1:53").expect("bind 127.53.0.1:53");
+    let server = ns
+        .enter(|| std::net::UdpSocket::bind("127.0.0.1:53"))
+        .expect("bind 127.0.0.1:53");
     server
         .set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
@@ -210,13 +215,15 @@ async fn a_resolver_that_never_answers_is_bounded_by_the_connect_timeout() {
     let resolv = dir.path().join("resolv.conf");
     std::fs::write(
         &resolv,
-        "nameserver 127.53.0.1\noptions timeout:30 attempts:1\n",
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
     )
     .unwrap();
     // Names go to that server alone, whatever this host's name service switch holds.
     let nsswitch = dir.path().join("nsswitch.conf");
     std::fs::write(&nsswitch, "hosts: files dns\n").unwrap();
     let wrapper = vec![
+        "nsenter".to_owned(),
+        format!("--net={}", ns.path()),
         "unshare".to_owned(),
         "-m".to_owned(),
         "sh".to_owned(),
@@ -241,11 +248,22 @@ async fn a_resolver_that_never_answers_is_bounded_by_the_connect_timeout() {
 
     // One request, alone: the reply comes at the timeout.
     let target = Target::Domain("never-answered.example".into(), 80);
+    let mut s = connect(daemon.addr());
+    s.write_all(&socks::greeting()).await.expect("greeting");
+    within(LIMIT, "method selection", socks::read_method(&mut s))
+        .await
+        .expect("method selection");
     let t0 = Instant::now();
-    let code = reply_code(&daemon, &socks::request(socks::CMD_CONNECT, &target)).await;
+    s.write_all(&socks::request(socks::CMD_CONNECT, &target))
+        .await
+        .expect("request");
+    let reply = within(LIMIT, "reply", socks::read_reply(&mut s))
+        .await
+        .expect("reply");
     let took = t0.elapsed();
+    wait_closed(&mut s, PROMPT, "after the reply").await;
     assert_eq!(
-        code,
+        reply.code,
         socks::REP_HOST_UNREACHABLE,
         "CONNECT to an unanswered name"
     );
@@ -262,8 +280,8 @@ async fn a_resolver_that_never_answers_is_bounded_by_the_connect_timeout() {
     let proxy = daemon.addr();
     let burst: Vec<_> = (0..BURST)
         .map(|i| {
+            let mut s = connect(proxy);
             tokio::spawn(async move {
-                let mut s = TcpStream::connect(proxy).await?;
                 s.write_all(&socks::greeting()).await?;
                 socks::read_method(&mut s).await?;
                 let target = Target::Domain(format!("n{i}.never-answered.example"), 80);
@@ -282,14 +300,26 @@ async fn a_resolver_that_never_answers_is_bounded_by_the_connect_timeout() {
     )
     .await;
     // While those lookups hold their threads, a login and a CONNECT to an address work.
-    let echo = proxy_integration::Echo::start("127.0.0.1:0").await;
-    let mut s = within(
+    let echo = {
+        let l = ns
+            .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the echo target");
+        l.set_nonblocking(true).unwrap();
+        proxy_integration::Echo::serve(tokio::net::TcpListener::from_std(l).unwrap())
+    };
+    let (mut s, reply) = within(
         Duration::from_secs(5),
         "a login and a CONNECT during the burst",
-        socks::connect_auth(proxy, &socks::Auth::user("alice", "pw"), echo.addr),
+        socks::handshake_on(
+            connect(proxy),
+            &socks::Auth::user("alice", "pw"),
+            socks::CMD_CONNECT,
+            &Target::Ip(echo.addr),
+        ),
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap_or_else(|e| panic!("a login and a CONNECT during the burst: {e}"));
+    assert_eq!(reply.code, socks::REP_SUCCEEDED, "alice's CONNECT");
     s.write_all(b"ping").await.unwrap();
     let mut pong = [0u8; 4];
     within(LIMIT, "the echo", s.read_exact(&mut pong))
