@@ -89,7 +89,8 @@ fn ended(c: acl::Command) -> Counter {
     }
 }
 
-/// Bytes a userspace relay (splice(2) or copy) has moved so far, shared with the registry.
+/// Bytes a userspace relay (splice(2), copy, or a UDP association's relay socket) has moved so
+/// far, shared with the registry.
 #[derive(Debug, Default)]
 pub struct ByteCounters {
     /// Client to target.
@@ -516,6 +517,12 @@ impl SessionHandle {
     /// Records the socks rule that let the request through.
     pub fn set_rule(&self, rule: &str) {
         self.update(|e| e.rule = Some(rule.to_owned()));
+    }
+
+    /// Shares a UDP association's byte counters with the registry, so that `ebsocks sessions`
+    /// and the per-user and per-rule figures follow it live.
+    pub fn counting(&self, bytes: Arc<ByteCounters>) {
+        self.update(|e| e.bytes = Some(bytes));
     }
 
     /// Marks the session as relaying on `path` with these sockets. `bytes` are the userspace

@@ -898,9 +898,16 @@ async fn serve(
         }
         acl::Command::UdpAssociate => {
             session.set_state(State::Udp);
-            return Box::pin(udp_associate(shared, config, &mut client, peer, &n))
-                .await
-                .map(|u| Next::Served(Served::Udp(u)));
+            return Box::pin(udp_associate(
+                shared,
+                session,
+                config,
+                &mut client,
+                peer,
+                &n,
+            ))
+            .await
+            .map(|u| Next::Served(Served::Udp(u)));
         }
     };
     let _ = upstream.set_nodelay(true);
@@ -1190,6 +1197,7 @@ async fn accept_expected(
 
 async fn udp_associate(
     shared: &Shared,
+    session: &SessionHandle,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -1223,6 +1231,8 @@ async fn udp_associate(
             .is_none_or(|v| v.action == Action::Pass)
     };
     let allow = move |a: SocketAddr| check(Dest::Ip(a.ip().to_canonical(), a.port()));
+    let bytes = Arc::new(crate::registry::ByteCounters::default());
+    session.counting(bytes.clone());
     let policy = udp::UdpPolicy {
         metrics: &shared.metrics,
         allow: &allow,
@@ -1231,6 +1241,7 @@ async fn udp_associate(
         xdp: shared.xdp.as_ref(),
         offload: config.udp.offload,
         names: &shared.names,
+        bytes: &bytes,
     };
     udp::associate(client, &n.address, &policy)
         .await

@@ -76,6 +76,7 @@ impl Assoc {
         } = opts;
         let task = tokio::spawn(async move {
             let names = ebsocks::resolve::Names::default();
+            let bytes = ebsocks::registry::ByteCounters::default();
             let policy = UdpPolicy {
                 metrics: &m,
                 allow: &*allow,
@@ -84,6 +85,7 @@ impl Assoc {
                 xdp: None,
                 offload: false,
                 names: &names,
+                bytes: &bytes,
             };
             associate(&mut server, &requested, &policy).await
         });

@@ -146,6 +146,25 @@ async fn udp_round_trips(#[case] ip: &str, #[case] by_name: bool) {
         },
     )
     .await;
+    // `ebsocks sessions` follows the open association's bytes.
+    let client = a.ctl.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(proxy_integration::daemon::daemon_binary())
+        .args(["sessions", "--json", "--pin-dir"])
+        .arg(daemon.pin_dir())
+        .output()
+        .expect("run ebsocks sessions");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("`ebsocks sessions --json`: {e}: {out:?}"));
+    let row = list
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["client"].as_str() == Some(&client)))
+        .unwrap_or_else(|| panic!("no session of {client} in {list}"));
+    assert_eq!(row["state"], "udp", "{row}");
+    assert_eq!(
+        (row["up_bytes"].as_u64(), row["down_bytes"].as_u64()),
+        (Some(up_bytes), Some(down_bytes)),
+        "the association's bytes in `ebsocks sessions`: {row}"
+    );
     wait_counter(&daemon, "udp_associations_total", 1).await;
     wait_gauge(&daemon, "udp_associations_active", 1).await;
     drop(a);

@@ -68,6 +68,9 @@ pub struct UdpPolicy<'a> {
     pub offload: bool,
     /// The daemon's resolver, for domain destinations.
     pub names: &'a crate::resolve::Names,
+    /// Payload bytes the relay socket moved so far, for `ebsocks sessions` (what XDP forwards
+    /// is added to the outcome at the end).
+    pub bytes: &'a crate::registry::ByteCounters,
 }
 
 /// How an association went, for the session's log line.
@@ -541,6 +544,11 @@ impl Relay<'_, '_> {
         };
         *datagrams += 1;
         *bytes += len;
+        let live = match dir {
+            Direction::Up => &self.policy.bytes.up,
+            Direction::Down => &self.policy.bytes.down,
+        };
+        live.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
