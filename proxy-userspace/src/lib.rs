@@ -356,14 +356,20 @@ pub async fn run(
         .as_ref()
         .and_then(Kernel::take_metrics)
         .unwrap_or_default();
+    // Two descriptors per session (its sockets), after headroom for listeners and maps and
+    // the pipe pool. Pipes beyond that are a bonus: a session that cannot have one copies
+    // that direction, or under `auto` moves into the sockhash, which needs none.
+    let fit = usize::try_from(nofile.saturating_sub(64 + 2 * relay::splice::POOL_MAX as u64) / 2)
+        .unwrap_or(1024)
+        .max(16);
     let max_sessions = match config.limits.max_sessions {
-        // Two descriptors per session (its sockets), after headroom for listeners and maps and
-        // the pipe pool. Pipes beyond that are a bonus: a session that cannot have one copies
-        // that direction, or under `auto` moves into the sockhash, which needs none.
-        0 => usize::try_from(nofile.saturating_sub(64 + 2 * relay::splice::POOL_MAX as u64) / 2)
-            .unwrap_or(1024)
-            .max(16),
-        n => n,
+        0 => fit,
+        n => {
+            if n > fit {
+                tracing::warn!(max_sessions = n, open_files = nofile, "limits.max_sessions is {n}, but {nofile} open files hold about {fit} sessions (two descriptors each, after the pipe pool): past that, new connections wait for descriptors instead of being refused; raise the open-file limit (LimitNOFILE=) or lower max_sessions");
+            }
+            n
+        }
     };
     let shared = Arc::new(Shared {
         config: RwLock::new(Arc::new(config)),

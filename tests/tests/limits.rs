@@ -249,3 +249,28 @@ async fn idle_session_is_closed(#[case] path: DataPath) {
     wait_sessions_drained(&daemon).await;
     daemon.stop();
 }
+
+/// A `max_sessions` beyond what the open-file limit holds is named at start-up, with both
+/// figures; one within it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_limit_beyond_the_open_file_limit_is_named() {
+    if !require_privileged("the session limit") {
+        return;
+    }
+    for (max, warned) in [(5000, true), (100, false)] {
+        let daemon = Daemon::start(DaemonOpts {
+            extra_toml: format!("[limits]\nmax_sessions = {max}\n"),
+            wrapper: vec!["prlimit".into(), "--nofile=2000:2000".into()],
+            ..DaemonOpts::default()
+        });
+        let log = daemon.stderr_log();
+        assert_eq!(
+            log.contains(&format!(
+                "limits.max_sessions is {max}, but 2000 open files hold about"
+            )),
+            warned,
+            "max_sessions = {max} under 2,000 open files:\n{log}"
+        );
+        daemon.stop();
+    }
+}
