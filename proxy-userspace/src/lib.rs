@@ -127,18 +127,42 @@ impl Shared {
         self.config.read().expect("config lock").clone()
     }
 
-    /// Applies a reloaded configuration to new sessions. Listeners, `data_path` and `pin_dir`
-    /// are fixed at start-up.
+    /// Applies a reloaded configuration to new sessions. What the daemon set up at start-up
+    /// (listeners, `data_path`, the pins, the control socket, the user, the metrics endpoint,
+    /// the session limit, the XDP attachment) keeps its start-up value; changes to it are
+    /// named in a warning.
     pub fn replace_config(&self, new: Config) {
         let mut cur = self.config.write().expect("config lock");
-        if new.listen != cur.listen
-            || new.pin_dir != cur.pin_dir
-            || new.data_path != cur.data_path
-            || new.control_socket_path() != cur.control_socket_path()
-            || new.metrics != cur.metrics
-            || new.run_as != cur.run_as
-        {
-            tracing::warn!("listen, pin_dir, data_path, control_socket, user, group and [metrics] changes take effect at the next start");
+        let fixed = [
+            ("listen", new.listen != cur.listen),
+            ("pin_dir", new.pin_dir != cur.pin_dir),
+            ("data_path", new.data_path != cur.data_path),
+            (
+                "control_socket",
+                new.control_socket_path() != cur.control_socket_path(),
+            ),
+            ("user/group", new.run_as != cur.run_as),
+            ("[metrics]", new.metrics != cur.metrics),
+            (
+                "limits.max_sessions",
+                new.limits.max_sessions != cur.limits.max_sessions,
+            ),
+            (
+                "udp.xdp_interfaces/xdp_mode",
+                new.udp.xdp_interfaces != cur.udp.xdp_interfaces
+                    || new.udp.xdp_mode != cur.udp.xdp_mode,
+            ),
+        ];
+        let changed: Vec<&str> = fixed
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect();
+        if !changed.is_empty() {
+            tracing::warn!(
+                "changes to {} take effect at the next start; the rest applies to new sessions",
+                changed.join(", ")
+            );
         }
         let mut new = new;
         new.listen.clone_from(&cur.listen);
@@ -147,6 +171,9 @@ impl Shared {
         new.control_socket.clone_from(&cur.control_socket);
         new.metrics = cur.metrics.clone();
         new.run_as.clone_from(&cur.run_as);
+        new.limits.max_sessions = cur.limits.max_sessions;
+        new.udp.xdp_interfaces.clone_from(&cur.udp.xdp_interfaces);
+        new.udp.xdp_mode = cur.udp.xdp_mode;
         *cur = Arc::new(new);
     }
 

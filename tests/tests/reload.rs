@@ -168,3 +168,36 @@ async fn sighup_reload_during_sockmap_transfer() {
     wait_sessions_drained(&daemon).await;
     daemon.stop();
 }
+
+/// A reload that changes what the daemon set up at start-up names exactly those keys, and
+/// they keep their start-up values: here the session limit stays 1, so a second session is
+/// closed at accept (the rest of a reloaded file applies, as the test above checks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_settings_fixed_at_start_up() {
+    if !require_privileged("SIGHUP reload") {
+        return;
+    }
+    let daemon = Daemon::start(DaemonOpts {
+        extra_toml: "[limits]\nmax_sessions = 1\n".into(),
+        ..DaemonOpts::default()
+    });
+    daemon.rewrite_config("[limits]\nmax_sessions = 2\n[timeouts]\nidle = \"2m\"\n");
+    daemon.sighup();
+    wait_log(&daemon, "configuration reloaded", 1).await;
+    wait_log(
+        &daemon,
+        "changes to limits.max_sessions take effect at the next start; the rest applies to new sessions",
+        1,
+    )
+    .await;
+    let echo = Echo::start("127.0.0.1:0").await;
+    let _first = socks::connect(daemon.addr(), echo.addr).await;
+    let mut second = tokio::net::TcpStream::connect(daemon.addr())
+        .await
+        .expect("connect");
+    wait_closed(&mut second, Duration::from_secs(5), "the second session").await;
+    wait_counter(&daemon, "failures_limit", 1).await;
+    drop(_first);
+    wait_sessions_drained(&daemon).await;
+    daemon.stop();
+}
