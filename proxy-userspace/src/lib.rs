@@ -143,6 +143,7 @@ impl Shared {
             ),
             ("user/group", new.run_as != cur.run_as),
             ("[metrics]", new.metrics != cur.metrics),
+            ("log.format", new.log.format != cur.log.format),
             (
                 "limits.max_sessions",
                 new.limits.max_sessions != cur.limits.max_sessions,
@@ -174,6 +175,7 @@ impl Shared {
         new.limits.max_sessions = cur.limits.max_sessions;
         new.udp.xdp_interfaces.clone_from(&cur.udp.xdp_interfaces);
         new.udp.xdp_mode = cur.udp.xdp_mode;
+        new.log.format = cur.log.format;
         *cur = Arc::new(new);
     }
 
@@ -227,9 +229,24 @@ impl Shared {
     }
 }
 
+/// Sets a log filter from a directive, or says why not.
+pub type SetLogLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Sets the running daemon's log filter (`[log] level` of a reloaded file).
+#[derive(Clone)]
+pub struct LogLevelHandle(pub Arc<SetLogLevel>);
+
+impl std::fmt::Debug for LogLevelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogLevelHandle")
+    }
+}
+
 /// Options of `ebsocks run` that are not configuration.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
+    /// Where a reload's `[log] level` goes; None when `RUST_LOG` decides the level.
+    pub log_level: Option<LogLevelHandle>,
     /// Write the bound listener addresses here once ready.
     pub addr_file: Option<PathBuf>,
     /// The configuration file to re-read on SIGHUP (None: SIGHUP is ignored).
@@ -526,6 +543,7 @@ pub async fn run(
             hup,
             path,
             opts.overrides.clone(),
+            opts.log_level.clone(),
         ))
     });
 
@@ -630,6 +648,7 @@ async fn reload_loop(
     mut hup: tokio::signal::unix::Signal,
     path: PathBuf,
     overrides: Overrides,
+    log_level: Option<LogLevelHandle>,
 ) {
     while hup.recv().await.is_some() {
         let loaded = {
@@ -640,8 +659,21 @@ async fn reload_loop(
             Ok(Ok(mut c)) => {
                 overrides.apply(&mut c);
                 let warnings = c.warnings();
+                let level = (c.log.level != shared.config().log.level).then(|| c.log.level.clone());
                 shared.replace_config(c);
                 tracing::info!(file = %path.display(), "configuration reloaded");
+                match (level, &log_level) {
+                    (None, _) => {}
+                    (Some(level), Some(set)) => match (set.0)(&level) {
+                        Ok(()) => tracing::info!(level, "log level changed"),
+                        Err(e) => tracing::error!(level, cause = %e, "log level not changed"),
+                    },
+                    (Some(_), None) => {
+                        tracing::warn!(
+                            "RUST_LOG is set, so it decides the log level, not [log] level"
+                        );
+                    }
+                }
                 for w in warnings {
                     tracing::warn!(file = %path.display(), "configuration: {w}");
                 }

@@ -156,15 +156,29 @@ fn run(args: RunArgs) -> ExitCode {
         pin_dir,
     };
 
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // RUST_LOG wins over `[log] level`, at start-up and at every reload.
+    let (filter, log_level) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, None),
+        Err(_) => (EnvFilter::new(&cfg.log.level), Some(())),
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let log_level = log_level.map(|()| {
+        ebsocks::LogLevelHandle(std::sync::Arc::new(move |level: &str| {
+            handle
+                .reload(EnvFilter::new(level))
+                .map_err(|e| e.to_string())
+        }))
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colored_stderr())
         .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    {
+        use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+        let registry = tracing_subscriber::registry().with(filter);
+        match cfg.log.format {
+            LogFormat::Text => registry.with(layer).init(),
+            LogFormat::Json => registry.with(layer.json()).init(),
+        }
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -178,6 +192,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let opts = RunOptions {
+        log_level,
         addr_file,
         config_path: config,
         overrides,

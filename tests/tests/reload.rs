@@ -201,3 +201,45 @@ async fn a_reload_names_the_settings_fixed_at_start_up() {
     wait_sessions_drained(&daemon).await;
     daemon.stop();
 }
+
+/// SIGHUP applies a new `[log] level` to the running daemon: a refused client is logged at
+/// debug level, so its line appears only after the reload (unless `RUST_LOG`, which wins
+/// over the file, is set for the daemon: then the reload says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_log_level() {
+    if !require_privileged("SIGHUP reload") {
+        return;
+    }
+    const REFUSED: &str = "client refused by rule";
+    let rules = "[[client_rule]]\naction = \"block\"\nfrom = [\"127.0.0.2/32\"]\n\
+                 [[client_rule]]\naction = \"pass\"\n";
+    let daemon = Daemon::start(DaemonOpts {
+        allow_clients: false,
+        extra_toml: rules.into(),
+        ..DaemonOpts::default()
+    });
+    let refused = || async {
+        let mut s = socks::tcp_connect_from([127, 0, 0, 2].into(), daemon.addr())
+            .await
+            .expect("connect from 127.0.0.2");
+        wait_closed(&mut s, Duration::from_secs(5), "a refused client").await;
+    };
+    refused().await;
+    wait_counter(&daemon, "connections_refused", 1).await;
+    assert!(
+        !daemon.stderr_log().contains(REFUSED),
+        "logged at info level"
+    );
+
+    daemon.rewrite_config(&format!("{rules}[log]\nlevel = \"debug\"\n"));
+    daemon.sighup();
+    wait_log(&daemon, "configuration reloaded", 1).await;
+    if std::env::var_os("RUST_LOG").is_some() {
+        wait_log(&daemon, "RUST_LOG is set, so it decides the log level", 1).await;
+    } else {
+        wait_log(&daemon, "log level changed", 1).await;
+        refused().await;
+        wait_log(&daemon, REFUSED, 1).await;
+    }
+    daemon.stop();
+}
