@@ -524,17 +524,27 @@ impl Rules {
     }
 
     /// Every user name a socks rule matches on: its key (`socks_rule[N].users`), the rule's
-    /// name, the user.
-    pub fn named_users(&self) -> impl Iterator<Item = (String, &str, &str)> {
+    /// name, the user, and whether the rule can match SOCKS4 requests (whose unauthenticated
+    /// USERID it then matches too).
+    pub fn named_users(&self) -> impl Iterator<Item = (String, &str, &str, bool)> {
         self.socks.iter().enumerate().flat_map(|(i, r)| {
+            let v4 = r.versions.as_ref().is_none_or(|v| v.contains(&4));
             r.users.iter().flatten().map(move |u| {
                 (
                     format!("socks_rule[{i}].users"),
                     r.name.as_str(),
                     u.as_str(),
+                    v4,
                 )
             })
         })
+    }
+
+    /// Whether some socks rule passes SOCKS4 requests.
+    pub fn passes_socks4(&self) -> bool {
+        self.socks
+            .iter()
+            .any(|r| r.action == Action::Pass && r.versions.as_ref().is_none_or(|v| v.contains(&4)))
     }
 
     /// Stage 1, at accept time: the first client rule whose `from` holds `client` decides

@@ -520,35 +520,52 @@ impl Config {
                 ));
             }
         }
+        // A rule that can match SOCKS4 also matches a request's unauthenticated USERID, which
+        // no users file lists and no method checks; per-user rates apply to those too.
         let named: Vec<_> = self.rules.named_users().collect();
+        let socks4 = |yes: bool, user: &str| {
+            if yes {
+                format!(" (only SOCKS4 requests whose unauthenticated USERID is {user:?} do)")
+            } else {
+                String::new()
+            }
+        };
         let mut unreachable_rules = Vec::new();
-        for (key, rule, user) in &named {
+        for (key, rule, user, v4) in &named {
             if !offers_username {
                 if !unreachable_rules.contains(rule) {
                     unreachable_rules.push(rule);
+                    let only = if *v4 {
+                        "matches only SOCKS4 requests with such a USERID"
+                    } else {
+                        "never matches"
+                    };
                     out.push(format!(
-                        "`{key}`: rule {rule:?} matches only the users it names, but \
-                         auth.methods does not offer \"username\", so no client has a user \
-                         name and the rule never matches"
+                        "`{key}`: rule {rule:?} names users, but auth.methods does not offer \
+                         \"username\", so no client logs in as one and the rule {only}"
                     ));
                 }
             } else if users.is_some_and(|db| !db.contains(user)) {
                 out.push(format!(
-                    "`{key}`: {user:?} (rule {rule:?}) is not in auth.users_file, so it never \
-                     matches"
+                    "`{key}`: {user:?} (rule {rule:?}) is not in auth.users_file, so no login \
+                     matches it{}",
+                    socks4(*v4, user)
                 ));
             }
         }
+        let v4 = self.rules.passes_socks4();
         for user in self.limits.user_bandwidth.keys() {
             if !offers_username {
                 out.push(format!(
                     "`limits.user_bandwidth.{user}`: auth.methods does not offer \"username\", \
-                     so no client has a user name and this rate never applies"
+                     so no client logs in as {user:?} and this rate applies to no login{}",
+                    socks4(v4, user)
                 ));
             } else if users.is_some_and(|db| !db.contains(user)) {
                 out.push(format!(
                     "`limits.user_bandwidth.{user}`: {user:?} is not in auth.users_file, so this \
-                     rate never applies"
+                     rate applies to no login{}",
+                    socks4(v4, user)
                 ));
             }
         }
@@ -1370,33 +1387,52 @@ mod tests {
             Vec::<String>::new()
         );
 
-        // Users the file does not list.
+        // Users the file does not list: in a SOCKS5 rule no request matches them; where
+        // SOCKS4 passes, only a SOCKS4 USERID can.
         let w = warnings(&format!(
             "{both}[limits]\nuser_bandwidth = {{ bob = \"1mbit\" }}\n\
-             [[socks_rule]]\nname = \"typo\"\naction = \"pass\"\nusers = [\"alice\", \"alcie\"]\n"
+             [[socks_rule]]\nname = \"typo\"\naction = \"pass\"\nusers = [\"alice\", \"alcie\"]\nversions = [5]\n"
         ));
         assert_eq!(
             w,
             [
-                r#"`socks_rule[0].users`: "alcie" (rule "typo") is not in auth.users_file, so it never matches"#,
-                r#"`limits.user_bandwidth.bob`: "bob" is not in auth.users_file, so this rate never applies"#,
+                r#"`socks_rule[0].users`: "alcie" (rule "typo") is not in auth.users_file, so no login matches it"#,
+                r#"`limits.user_bandwidth.bob`: "bob" is not in auth.users_file, so this rate applies to no login"#,
+            ],
+        );
+        let w = warnings(&format!(
+            "{both}[[socks_rule]]\nname = \"typo\"\naction = \"pass\"\nusers = [\"alcie\"]\n"
+        ));
+        assert_eq!(
+            w,
+            [
+                r#"`socks_rule[0].users`: "alcie" (rule "typo") is not in auth.users_file, so no login matches it (only SOCKS4 requests whose unauthenticated USERID is "alcie" do)"#
             ],
         );
 
         // Users named where nobody can log in.
         let w = warnings(
             "[auth]\nmethods = [\"none\"]\n[limits]\nuser_bandwidth = { alice = \"1mbit\" }\n\
-             [[socks_rule]]\nname = \"a\"\naction = \"pass\"\nusers = [\"alice\", \"bob\"]\n",
+             [[socks_rule]]\nname = \"a\"\naction = \"pass\"\nusers = [\"alice\", \"bob\"]\nversions = [5]\n",
         );
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(
-            w[0].starts_with("`socks_rule[0].users`: rule \"a\" matches only the users it names")
-                && w[0].ends_with("never matches"),
-            "{w:?}"
+        assert_eq!(
+            w,
+            [
+                "`socks_rule[0].users`: rule \"a\" names users, but auth.methods does not offer \
+                 \"username\", so no client logs in as one and the rule never matches",
+                "`limits.user_bandwidth.alice`: auth.methods does not offer \"username\", so no \
+                 client logs in as \"alice\" and this rate applies to no login",
+            ],
         );
-        assert!(
-            w[1].starts_with("`limits.user_bandwidth.alice`: auth.methods does not offer"),
-            "{w:?}"
+        let w = warnings(
+            "[auth]\nmethods = [\"none\"]\n\
+             [[socks_rule]]\nname = \"legacy\"\naction = \"pass\"\nusers = [\"app\"]\n",
+        );
+        assert_eq!(
+            w,
+            ["`socks_rule[0].users`: rule \"legacy\" names users, but auth.methods does not offer \
+              \"username\", so no client logs in as one and the rule matches only SOCKS4 requests \
+              with such a USERID"],
         );
 
         // An empty users file.
