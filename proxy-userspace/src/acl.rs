@@ -419,6 +419,11 @@ impl ClientRule {
 }
 
 impl SocksRule {
+    /// Whether the rule can match SOCKS4 requests.
+    fn matches_socks4(&self) -> bool {
+        self.versions.as_ref().is_none_or(|v| v.contains(&4))
+    }
+
     fn verdict(&self) -> Verdict<'_> {
         Verdict {
             action: self.action,
@@ -528,7 +533,7 @@ impl Rules {
     /// USERID it then matches too).
     pub fn named_users(&self) -> impl Iterator<Item = (String, &str, &str, bool)> {
         self.socks.iter().enumerate().flat_map(|(i, r)| {
-            let v4 = r.versions.as_ref().is_none_or(|v| v.contains(&4));
+            let v4 = r.matches_socks4();
             r.users.iter().flatten().map(move |u| {
                 (
                     format!("socks_rule[{i}].users"),
@@ -544,7 +549,7 @@ impl Rules {
     pub fn passes_socks4(&self) -> bool {
         self.socks
             .iter()
-            .any(|r| r.action == Action::Pass && r.versions.as_ref().is_none_or(|v| v.contains(&4)))
+            .any(|r| r.action == Action::Pass && r.matches_socks4())
     }
 
     /// Stage 1, at accept time: the first client rule whose `from` holds `client` decides

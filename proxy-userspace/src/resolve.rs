@@ -40,10 +40,21 @@ pub struct Names {
     inner: Arc<Inner>,
 }
 
+/// Names being resolved, each with the channel its result comes on.
+type InFlight = HashMap<String, watch::Receiver<Option<Outcome>>>;
+
+impl Inner {
+    fn map(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 struct Inner {
     /// Names being resolved, each with the channel its result comes on. The map's own receiver
     /// is not a waiter.
-    in_flight: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+    in_flight: Mutex<InFlight>,
     permits: Arc<Semaphore>,
     lookup: Box<LookupFn>,
 }
@@ -86,11 +97,8 @@ impl Names {
         self.map().len()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<Option<Outcome>>>> {
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn map(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.inner.map()
     }
 
     /// The addresses of `host`, in the resolver's order. Joins a lookup of the same name that
@@ -128,10 +136,7 @@ async fn run(inner: Arc<Inner>, host: String, tx: watch::Sender<Option<Outcome>>
         return;
     };
     {
-        let mut map = inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = inner.map();
         // Only the map's own receiver is left: every session that asked has given up.
         // Waiters subscribe under this lock, so none can join after this check.
         if tx.receiver_count() <= 1 {
@@ -155,10 +160,7 @@ async fn run(inner: Arc<Inner>, host: String, tx: watch::Sender<Option<Outcome>>
             Arc::from(format!("the lookup failed: {e}")),
         )),
     };
-    let mut map = inner
-        .in_flight
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    let mut map = inner.map();
     tx.send_replace(Some(outcome));
     if map
         .get(&host)
