@@ -91,6 +91,9 @@ pub struct Shared {
     pub listen: OnceLock<Vec<SocketAddr>>,
     /// The bound Prometheus endpoint.
     pub metrics_listen: OnceLock<SocketAddr>,
+    /// Set once shutdown begins: the listeners stop accepting, and sessions still negotiating
+    /// end at once (relaying ones get `timeouts.drain`).
+    pub stopping: watch::Sender<bool>,
 }
 
 /// What an open session holds until it ends: its place under the session limit and the
@@ -433,6 +436,7 @@ pub async fn run(
         data_path,
         listen: OnceLock::new(),
         metrics_listen: OnceLock::new(),
+        stopping: watch::Sender::new(false),
     });
 
     let bound: Vec<SocketAddr> = listeners
@@ -521,7 +525,6 @@ pub async fn run(
     }
 
     let permits = Arc::new(Semaphore::new(max_sessions));
-    let (stop_tx, stop_rx) = watch::channel(false);
     // Every session holds a clone; when all are dropped, `done_rx.recv()` returns None.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
@@ -531,7 +534,7 @@ pub async fn run(
             listener,
             shared.clone(),
             permits.clone(),
-            stop_rx.clone(),
+            shared.stopping.subscribe(),
             done_tx.clone(),
         )));
     }
@@ -552,7 +555,7 @@ pub async fn run(
         r.abort();
     }
     tracing::info!("shutting down: no new sessions");
-    let _ = stop_tx.send(true);
+    shared.stopping.send_replace(true);
     for t in accept_tasks {
         let _ = t.await;
     }

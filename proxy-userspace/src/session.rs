@@ -220,7 +220,7 @@ pub async fn handle(
     };
     // Each stage's state is boxed and freed when the stage ends, so that a long-lived relaying
     // session holds only what relaying needs (a future is as large as its largest state).
-    let negotiated = match Box::pin(timeout(
+    let negotiation = Box::pin(timeout(
         config.timeouts.negotiation,
         negotiate(
             shared,
@@ -230,14 +230,19 @@ pub async fn handle(
             peer,
             methods.as_deref(),
         ),
-    ))
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => {
-            shared.metrics.inc(Counter::NegotiationTimeouts);
-            Err(SessionError::NegotiationTimeout)
-        }
+    ));
+    let mut stopping = shared.stopping.subscribe();
+    let negotiated = tokio::select! {
+        r = negotiation => match r {
+            Ok(r) => r,
+            Err(_) => {
+                shared.metrics.inc(Counter::NegotiationTimeouts);
+                Err(SessionError::NegotiationTimeout)
+            }
+        },
+        // The daemon is shutting down and the client has been granted nothing yet: it is not
+        // waited for (its registry entry logs the end, "closed at shutdown").
+        _ = stopping.wait_for(|s| *s) => return,
     };
     let n = match negotiated {
         Ok(n) => n,

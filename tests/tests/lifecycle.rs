@@ -1,5 +1,5 @@
-//! The daemon's life as an operator sees it: SIGTERM drains and cleans up, a second SIGTERM
-//! cuts the drain short, SIGHUP is safe from the first moment and under load, a daemon
+//! The daemon's life as an operator sees it: SIGTERM drains and cleans up (closing at once the
+//! sessions still negotiating), a second SIGTERM cuts the drain short, SIGHUP is safe from the first moment and under load, a daemon
 //! killed with SIGKILL leaves nothing that stops the next one or outlives it, and a second
 //! daemon on the pins of a running one leaves them alone.
 
@@ -140,6 +140,60 @@ async fn second_sigterm_ends_the_drain_at_once() {
         "the daemon's programs and maps to be freed",
     )
     .await;
+}
+
+/// SIGTERM gives relaying sessions the drain, but does not wait for clients that were granted
+/// nothing yet: one that connected and said nothing, and one that has its method and has not
+/// sent its request, are closed at once (with negotiation and drain at 5 minutes, waiting for
+/// them would hold the daemon for as long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_sessions_still_negotiating_and_drains_the_rest() {
+    if !require_privileged("SIGTERM with sessions negotiating") {
+        return;
+    }
+    let mut daemon = Daemon::start(DaemonOpts {
+        extra_toml: "[timeouts]\nnegotiation = \"5m\"\ndrain = \"5m\"\n".into(),
+        ..DaemonOpts::path(DataPath::Splice)
+    });
+    let echo = Echo::start("127.0.0.1:0").await;
+    let mut relaying = socks::connect(daemon.addr(), echo.addr).await;
+    round_trip(&mut relaying, 11, 64 << 10, "before SIGTERM").await;
+    let mut silent = TcpStream::connect(daemon.addr()).await.expect("connect");
+    let mut greeted = TcpStream::connect(daemon.addr()).await.expect("connect");
+    greeted
+        .write_all(&socks::greeting())
+        .await
+        .expect("greeting");
+    socks::read_method(&mut greeted).await.expect("method");
+    proxy_integration::checks::wait_gauge(&daemon, "sessions_negotiating", 2).await;
+
+    daemon.signal(libc::SIGTERM);
+    for (s, what) in [(&mut silent, "the silent client"), (&mut greeted, "the greeted client")] {
+        let (after, got) = proxy_integration::wait_closed(s, Duration::from_secs(5), what).await;
+        assert!(got.is_empty(), "{what} got {got:?} before the close");
+        eprintln!("{what} closed {after:?} after SIGTERM");
+    }
+    wait_log(&daemon, "session closed at shutdown", 2).await;
+    let log = daemon.stderr_log();
+    assert_eq!(
+        log.matches("state=\"negotiating\"").count(),
+        2,
+        "both ended as negotiating sessions:\n{log}"
+    );
+    // The relaying session is drained as before: it goes on, and the daemon waits for it.
+    round_trip(&mut relaying, 12, 1 << 20, "during the drain").await;
+    assert!(daemon.try_wait().is_none(), "the daemon exited mid-drain");
+    within(
+        LIMIT,
+        "closing the session",
+        exchange(&mut relaying, Plan::close()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("closing the session: {e}"));
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the daemon did not exit once its last session ended"));
+    assert_eq!(status.code(), Some(0), "exit status after the drain");
 }
 
 /// The address file is the daemon's "ready": a SIGHUP sent the moment it appears must be
