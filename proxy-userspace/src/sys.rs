@@ -138,6 +138,43 @@ pub fn setsockopt_int(
     .map(drop)
 }
 
+/// `SO_MEMINFO`: the socket's receive memory in use (`SK_MEMINFO_RMEM_ALLOC`, what queued
+/// bytes take with their bookkeeping) and its receive buffer as the kernel keeps it
+/// (`SK_MEMINFO_RCVBUF`, twice what `SO_RCVBUF` was given), in bytes.
+pub fn rcv_meminfo(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SK_MEMINFO_VARS (linux/sock_diag.h): the kernel fills this many u32s.
+    let mut mem = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+    let mut len = mem::size_of_val(&mem) as libc::socklen_t;
+    // SAFETY: `mem` is a writable buffer of `len` bytes; the kernel writes at most `len`.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            mem.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    })?;
+    Ok((
+        u64::from(mem[libc::SK_MEMINFO_RMEM_ALLOC as usize]),
+        u64::from(mem[libc::SK_MEMINFO_RCVBUF as usize]),
+    ))
+}
+
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`: copies queued bytes without consuming them.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    cvt_size(n)
+}
+
 /// `SO_RCVLOWAT`: on a socket in a sockhash, setting it makes the kernel run the verdict program
 /// on bytes that were queued before the socket was inserted.
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {

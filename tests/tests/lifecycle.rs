@@ -168,7 +168,10 @@ async fn sigterm_closes_sessions_still_negotiating_and_drains_the_rest() {
     proxy_integration::checks::wait_gauge(&daemon, "sessions_negotiating", 2).await;
 
     daemon.signal(libc::SIGTERM);
-    for (s, what) in [(&mut silent, "the silent client"), (&mut greeted, "the greeted client")] {
+    for (s, what) in [
+        (&mut silent, "the silent client"),
+        (&mut greeted, "the greeted client"),
+    ] {
         let (after, got) = proxy_integration::wait_closed(s, Duration::from_secs(5), what).await;
         assert!(got.is_empty(), "{what} got {got:?} before the close");
         eprintln!("{what} closed {after:?} after SIGTERM");

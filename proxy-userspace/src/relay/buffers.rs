@@ -100,6 +100,15 @@ impl Buffers {
     }
 }
 
+impl Buffers {
+    /// The `SO_RCVBUF` that [`Buffers::for_kernel`] gives a sockhash socket with this
+    /// `TCP_INFO`, if it fixes one: the size the brake gives back to a source whose window it
+    /// kept shut (see `relay::sockmap`). None: the socket autotunes, and is left to.
+    pub fn kernel_rcv(&self, info: &TcpInfo) -> Option<i32> {
+        self.kernel_rcv.filter(|_| near(info))
+    }
+}
+
 /// Whether the socket's lowest round trip so far shows a near peer (0 or `u32::MAX`: no sample).
 fn near(info: &TcpInfo) -> bool {
     (1..=NEAR_RTT_US).contains(&info.min_rtt_us)
