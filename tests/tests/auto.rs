@@ -131,6 +131,58 @@ async fn request_response_traffic_moves_into_the_kernel() {
     daemon.stop();
 }
 
+/// A promotion that meets a sender already streaming: the handover empties the client's
+/// receive queue before the insert, and a sender that keeps it busy past 4 MiB sends the session
+/// back to splice(2). Whichever way it goes, every byte arrives once and is counted once, in the
+/// traffic figures and in the session's end line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_racing_a_bulk_upload_counts_every_byte() {
+    if !require_privileged("data path auto") {
+        return;
+    }
+    // Two small chunks a round; the daemon's PROMOTE_STREAK is 16: the last one requests the
+    // promotion, and the upload starts as the daemon hands the pair over.
+    const ROUNDS: u64 = 8;
+    const BULK: u64 = 64 << 20;
+    let daemon = Daemon::start(DaemonOpts::path(DataPath::Auto));
+    let (mut client, mut target) = open(&daemon).await;
+    ping_pong(&mut client, &mut target, ROUNDS, 0xa070_3000).await;
+    within(
+        LIMIT,
+        "bulk upload right after the promotion's request",
+        async {
+            tokio::try_join!(
+                async {
+                    send_pattern(&mut client, 0xa070_3001, BULK).await?;
+                    client.shutdown().await.map_err(|e| e.to_string())
+                },
+                async { recv_to_eof(&mut target, 0xa070_3001, BULK).await.map(drop) },
+            )
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("bulk upload: {e}"));
+    drop((client, target));
+    let s = wait_ended(&daemon).await;
+    let total = ROUNDS * 64 + BULK;
+    let up: u64 = ["splice", "sockmap", "copy"]
+        .iter()
+        .map(|p| s.traffic("tcp", p, "up"))
+        .sum();
+    eprintln!(
+        "promoted {}, fell back {}",
+        s.counter("sessions_promoted"),
+        s.counter("sessions_fallback")
+    );
+    assert_eq!(up, total, "client-to-target bytes counted: {s}");
+    let log = daemon.stderr_log();
+    assert!(
+        log.contains(&format!("up={total} ")),
+        "the session's end line does not say up={total}:\n{log}"
+    );
+    daemon.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_moves_into_the_kernel_and_half_closes() {
     if !require_privileged("data path auto") {

@@ -115,21 +115,17 @@ pub async fn hand_over(
     // it, may have taken part of an skb). An upstream never read holds whole skbs only, and
     // draining it would race a target that talks first and fast.
     let mut consumed = consumed;
-    let queued = match take_queued(&client, &mut upstream).await {
-        Ok(n) => {
-            consumed.from_client += n;
-            consumed.forwarded += n;
-            if consumed.from_upstream > 0 {
-                take_queued(&upstream, &mut client).await.map(|n| {
-                    consumed.from_upstream += n;
-                    consumed.forwarded_down += n;
-                })
-            } else {
-                Ok(())
-            }
-        }
-        Err(e) => Err(e),
-    };
+    // What a failed drain moved before it gave up counts too: the session falls back with it.
+    let mut up = 0;
+    let mut queued = take_queued(&client, &mut upstream, &mut up).await;
+    consumed.from_client += up;
+    consumed.forwarded += up;
+    if queued.is_ok() && consumed.from_upstream > 0 {
+        let mut down = 0;
+        queued = take_queued(&upstream, &mut client, &mut down).await;
+        consumed.from_upstream += down;
+        consumed.forwarded_down += down;
+    }
     if let Err(source) = queued {
         let error = SpliceError {
             context: "forwarding queued bytes",
@@ -390,26 +386,41 @@ impl Carry {
 const QUEUED_MAX: u64 = 4 << 20;
 
 /// Reads everything queued on `client` without waiting and writes it to `upstream` (or the
-/// reverse). Returns the byte count. Fails (so the session falls back) if the source keeps the
-/// queue busy past [`QUEUED_MAX`]: then the queue may end in a partially read skb.
-async fn take_queued(client: &TcpStream, upstream: &mut TcpStream) -> io::Result<u64> {
+/// reverse), adding the bytes moved to `total` as it goes. Fails (so the session falls back)
+/// if the source keeps the queue busy past [`QUEUED_MAX`]: then the queue may end in a
+/// partially read skb. What it moved before failing is in `total` all the same.
+async fn take_queued(
+    client: &TcpStream,
+    upstream: &mut TcpStream,
+    total: &mut u64,
+) -> io::Result<()> {
+    take_queued_up_to(client, upstream, total, QUEUED_MAX).await
+}
+
+/// [`take_queued`], giving up past `max` bytes.
+async fn take_queued_up_to(
+    client: &TcpStream,
+    upstream: &mut TcpStream,
+    total: &mut u64,
+    max: u64,
+) -> io::Result<()> {
     use tokio::io::AsyncWriteExt as _;
-    let mut total = 0u64;
+    let start = *total;
     // Read into spare capacity: no page of the buffer is touched unless bytes are queued,
     // which they seldom are.
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
-        if total >= QUEUED_MAX {
+        if *total - start >= max {
             return Err(io::Error::other("peer keeps sending during the handover"));
         }
         buf.clear();
         match client.try_read_buf(&mut buf) {
-            Ok(0) => return Ok(total),
+            Ok(0) => return Ok(()),
             Ok(n) => {
                 upstream.write_all(&buf[..n]).await?;
-                total += n as u64;
+                *total += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
         }
     }
@@ -793,5 +804,67 @@ async fn copy_rest(
         };
         write_all(dst, &buf[..n]).await?;
         shared.metrics.add_traffic(DataPath::Copy, dir, n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{TcpListener, TcpStream as StdTcpStream},
+        thread,
+    };
+
+    use tokio::net::TcpStream;
+
+    use super::take_queued_up_to;
+
+    /// A connected loopback pair: (ours, for tokio; the peer's end).
+    fn pair() -> (TcpStream, StdTcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = StdTcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(ours).unwrap(), peer)
+    }
+
+    /// A queue fuller than the drain's limit makes it give up, and the bytes it moved before
+    /// are counted all the same: the session falls back with them in its figures.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_that_gives_up_counts_what_it_moved() {
+        const QUEUED: usize = 512 * 1024;
+        const MAX: u64 = 32 * 1024;
+        let (client, mut sender) = pair();
+        let (mut upstream, mut target) = pair();
+        // More queued than MAX: the receive queue takes at least its initial buffer.
+        let writer = thread::spawn(move || {
+            let _ = sender.write_all(&vec![7u8; QUEUED]);
+            sender
+        });
+        let reader = thread::spawn(move || {
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match target.read(&mut buf) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n as u64,
+                }
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut total = 0;
+        let r = take_queued_up_to(&client, &mut upstream, &mut total, MAX).await;
+        assert!(
+            r.is_err(),
+            "the drain read {total} bytes and found the queue empty"
+        );
+        assert!(total >= MAX, "gave up after {total} bytes");
+        drop(upstream);
+        assert_eq!(
+            reader.join().unwrap(),
+            total,
+            "bytes moved against bytes counted"
+        );
+        drop((client, writer.join()));
     }
 }
