@@ -593,7 +593,11 @@ impl Dir<'_> {
                 if last {
                     // Everything held is at the destination and the kernel redirects again:
                     // the read below announces the window.
-                    sys::setsockopt_int(src, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf)?;
+                    if let Err(e) =
+                        sys::setsockopt_int(src, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf)
+                    {
+                        break Err(e);
+                    }
                 }
                 match (&*self.src).read(&mut [0u8]) {
                     Ok(1) => ahead = false,
@@ -601,6 +605,11 @@ impl Dir<'_> {
                         break Err(io::Error::other("a peeked byte was not there to read"));
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(10));
+                        continue;
+                    }
                     Err(e) => break Err(e),
                 }
                 if last {
