@@ -477,7 +477,7 @@ impl Dir<'_> {
                 }
             }
         }
-        Box::pin(self.flush(shared)).await?;
+        Box::pin(self.flush(shared, None)).await?;
         Box::pin(drain(self.src, self.dst, self.consumed_src, self.sent0_dst)).await?;
         sys::shutdown_write(self.dst.as_fd())
     }
@@ -556,26 +556,27 @@ impl Dir<'_> {
         // Held bytes go to the peer through the daemon; new ones queue behind them meanwhile.
         // Only a receive buffer the daemon fixed itself can be shut and given back as it was;
         // an autotuned one would stay fixed at whatever size it had reached.
-        match shared.buffers.kernel_rcv(&sys::tcp_info(self.src.as_fd())?) {
-            Some(rcvbuf) => self.release(shared, rcvbuf).await,
-            None => self.flush(shared).await,
-        }
+        let window = shared.buffers.kernel_rcv(&sys::tcp_info(self.src.as_fd())?);
+        self.flush(shared, window).await
     }
 
-    /// Moves the held bytes to the destination like [`Dir::flush`], with the source's window
-    /// kept shut until they are gone, then hands the stream back to the kernel.
+    /// Moves the bytes the verdict passed to the source (while braked) to the destination, in
+    /// order; the kernel redirects again once they are all gone.
     ///
-    /// Reading a held byte frees receive memory and reopens the sender's window. A sender that
-    /// is faster than the destination then refills the hold as fast as the daemon drains it
-    /// (at the destination's pace), the hold never empties, and the daemon carries the rest of
-    /// the stream by copy (on a link shaped to 400 Mbit/s, 68-87 % of every upload). So before
-    /// each read the receive buffer shrinks by what the read will free, which keeps the
+    /// `window`: the source's receive buffer, when the daemon fixed it at the insert (a near
+    /// socket), so that the sender's window can be kept shut while the hold drains and given
+    /// back as it was. Reading a held byte frees receive memory and reopens the window: a
+    /// sender faster than the destination then refilled the hold as fast as the daemon drained
+    /// it (at the destination's pace), the hold never emptied, and the daemon carried the rest
+    /// of the stream by copy (on a link shaped to 400 Mbit/s, 68-87 % of every upload). So
+    /// before each read the receive buffer shrinks by what the read will free, which keeps the
     /// window where it was: the sender fills what it was offered and stops. The hold's last
     /// byte is peeked, written ahead and counted, so that the kernel redirects again before any
     /// new byte can come; only then is the buffer given back and the byte consumed, a read that
     /// sends the window update. (Userspace has no other way to make TCP announce a window, and
-    /// on a near link the sender's next segment arrives within that very read.)
-    async fn release(&self, shared: &Shared, rcvbuf: i32) -> io::Result<()> {
+    /// on a near link the sender's next segment arrives within that very read.) Without
+    /// `window` (after the FIN, or an autotuned buffer), the held bytes are simply moved.
+    async fn flush(&self, shared: &Shared, window: Option<i32>) -> io::Result<()> {
         let src = self.src.as_fd();
         let mut buf = Vec::new();
         let mut delay = Duration::from_micros(100);
@@ -590,7 +591,7 @@ impl Dir<'_> {
                 .map_or(read, |t| t.brake.passed);
             if ahead {
                 let last = passed <= read;
-                if last {
+                if let (true, Some(rcvbuf)) = (last, window) {
                     // Everything held is at the destination and the kernel redirects again:
                     // the read below announces the window.
                     if let Err(e) =
@@ -621,23 +622,26 @@ impl Dir<'_> {
                 break Ok(());
             }
             if !caught_up {
-                // As in `flush`: ours must not overtake what the kernel redirected before.
+                // Bytes the kernel redirected before the brake may still wait in the peer's
+                // backlog; ours must not overtake them. No new ones are redirected meanwhile.
                 if let Err(e) = self.wait_backlog_below(0).await {
                     break Err(e);
                 }
                 caught_up = true;
             }
             let remaining = passed - read;
-            let step = if remaining == 1 {
+            let shut = window.is_some();
+            let step = if shut && remaining == 1 {
                 buf.resize(1, 0);
                 sys::peek(src, &mut buf)
             } else {
-                let want = usize::try_from(remaining - 1)
+                // With the window shut, the last byte is left for the peek.
+                let want = usize::try_from(remaining - u64::from(shut))
                     .unwrap_or(usize::MAX)
                     .min(FLUSH_CHUNK);
                 // Give up the memory this read frees (its share of what the hold takes), so that
                 // the window it announces is no larger than the one before it.
-                if let Ok((rmem, kept)) = sys::rcv_meminfo(src) {
+                if let (true, Ok((rmem, kept))) = (shut, sys::rcv_meminfo(src)) {
                     let freed = rmem.saturating_mul(want as u64) / remaining;
                     let smaller = i32::try_from(kept.saturating_sub(freed) / 2).unwrap_or(i32::MAX);
                     let _ =
@@ -648,7 +652,9 @@ impl Dir<'_> {
             };
             let n = match step {
                 Ok(n) if n > 0 => n,
-                // Not readable yet (see `flush`).
+                // A passed skb queues behind the bytes the peer direction redirects into this
+                // socket (one kernel backlog per socket) and reaches the receive queue only after
+                // them; until then a read finds nothing (0 after a FIN).
                 Ok(_) => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(10));
@@ -673,64 +679,13 @@ impl Dir<'_> {
             }) {
                 break Err(e);
             }
-            ahead = remaining == 1;
+            ahead = shut && remaining == 1;
         };
         // Nothing was peeked ahead, or the session is failing: the buffer goes back as it was.
-        let _ = sys::setsockopt_int(src, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf);
-        result
-    }
-
-    /// Moves the bytes the verdict passed to the source (while braked) to the destination, in
-    /// order; the kernel redirects again once they are all gone.
-    async fn flush(&self, shared: &Shared) -> io::Result<()> {
-        let mut buf = Vec::new();
-        let mut delay = Duration::from_micros(100);
-        let mut caught_up = false;
-        loop {
-            let read = self.control().read;
-            let passed = self
-                .sm
-                .traffic(self.src_cookie)
-                .map_or(read, |t| t.brake.passed);
-            if passed <= read {
-                return Ok(());
-            }
-            if !caught_up {
-                // Bytes the kernel redirected before the brake may still wait in the peer's
-                // backlog; ours must not overtake them. No new ones are redirected meanwhile.
-                self.wait_backlog_below(0).await?;
-                caught_up = true;
-            }
-            let want = usize::try_from(passed - read)
-                .unwrap_or(usize::MAX)
-                .min(FLUSH_CHUNK);
-            buf.resize(want, 0);
-            let n = match (&*self.src).read(&mut buf) {
-                Ok(n) if n > 0 => n,
-                // A passed skb queues behind the bytes the peer direction redirects into this
-                // socket (one kernel backlog per socket) and reaches the receive queue only after
-                // them; until then a read finds nothing (0 after a FIN).
-                Ok(_) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            delay = Duration::from_micros(100);
-            write_all(self.dst, &buf[..n]).await?;
-            shared.metrics.add(Counter::SockmapBrakeBytes, n as u64);
-            self.set_control(BrakeControl {
-                read: read + n as u64,
-                ..self.control()
-            })?;
+        if let Some(rcvbuf) = window {
+            let _ = sys::setsockopt_int(src, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf);
         }
+        result
     }
 }
 
