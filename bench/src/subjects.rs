@@ -604,9 +604,16 @@ mod tests {
         fs::create_dir_all(pins.join("inner")).unwrap();
         fs::write(&socket, b"").unwrap();
         let mut cmd = Command::new("sh");
-        // Ignores SIGTERM, as a daemon stuck in its drain does.
-        cmd.args(["-c", "trap '' TERM; exec sleep 30"]);
-        let mut d = Daemon::spawn(cmd, dir.join("log")).unwrap();
+        // Ignores SIGTERM, as a daemon stuck in its drain does; says so once it does, so that
+        // the SIGTERM cannot come before the trap.
+        cmd.args(["-c", "trap '' TERM; echo trapped; exec sleep 30"]);
+        let log = dir.join("log");
+        let mut d = Daemon::spawn(cmd, log.clone()).unwrap();
+        let t0 = std::time::Instant::now();
+        while !fs::read_to_string(&log).is_ok_and(|l| l.contains("trapped")) {
+            assert!(t0.elapsed().as_secs() < 10, "the shell never set its trap");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         d.leftovers = vec![pins.clone(), socket.clone()];
         let status = d.stop();
         assert!(status.contains("killed"), "{status}");
