@@ -66,6 +66,30 @@ async fn wait_ended(daemon: &Daemon) -> Stats {
     .await
 }
 
+/// Uploads `len` bytes of `seed` from the client, closes both ends and returns the daemon's
+/// counters once the session has ended.
+async fn upload_and_close(
+    daemon: &Daemon,
+    mut client: TcpStream,
+    mut target: TcpStream,
+    seed: u64,
+    len: u64,
+) -> Stats {
+    within(LIMIT, "bulk upload", async {
+        tokio::try_join!(
+            async {
+                send_pattern(&mut client, seed, len).await?;
+                client.shutdown().await.map_err(|e| e.to_string())
+            },
+            async { recv_to_eof(&mut target, seed, len).await.map(drop) },
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("bulk upload: {e}"));
+    drop((client, target));
+    wait_ended(daemon).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_response_traffic_moves_into_the_kernel() {
     if !require_privileged("data path auto") {
@@ -147,23 +171,7 @@ async fn a_promotion_racing_a_bulk_upload_counts_every_byte() {
     let daemon = Daemon::start(DaemonOpts::path(DataPath::Auto));
     let (mut client, mut target) = open(&daemon).await;
     ping_pong(&mut client, &mut target, ROUNDS, 0xa070_3000).await;
-    within(
-        LIMIT,
-        "bulk upload right after the promotion's request",
-        async {
-            tokio::try_join!(
-                async {
-                    send_pattern(&mut client, 0xa070_3001, BULK).await?;
-                    client.shutdown().await.map_err(|e| e.to_string())
-                },
-                async { recv_to_eof(&mut target, 0xa070_3001, BULK).await.map(drop) },
-            )
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("bulk upload: {e}"));
-    drop((client, target));
-    let s = wait_ended(&daemon).await;
+    let s = upload_and_close(&daemon, client, target, 0xa070_3001, BULK).await;
     let total = ROUNDS * 64 + BULK;
     let up: u64 = ["splice", "sockmap", "copy"]
         .iter()
@@ -255,20 +263,8 @@ async fn a_bulk_stream_stays_on_splice() {
     }
     const LEN: u64 = 64 << 20;
     let daemon = Daemon::start(DaemonOpts::path(DataPath::Auto));
-    let (mut client, mut target) = open(&daemon).await;
-    within(LIMIT, "bulk upload", async {
-        tokio::try_join!(
-            async {
-                send_pattern(&mut client, 0xb01c_0001, LEN).await?;
-                client.shutdown().await.map_err(|e| e.to_string())
-            },
-            async { recv_to_eof(&mut target, 0xb01c_0001, LEN).await.map(drop) },
-        )
-    })
-    .await
-    .unwrap_or_else(|e| panic!("bulk upload: {e}"));
-    drop((client, target));
-    let s = wait_ended(&daemon).await;
+    let (client, target) = open(&daemon).await;
+    let s = upload_and_close(&daemon, client, target, 0xb01c_0001, LEN).await;
     assert_eq!(
         s.counter("sessions_promoted"),
         0,

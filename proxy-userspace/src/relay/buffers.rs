@@ -98,9 +98,7 @@ impl Buffers {
             let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, v);
         }
     }
-}
 
-impl Buffers {
     /// The `SO_RCVBUF` that [`Buffers::for_kernel`] gives a sockhash socket with this
     /// `TCP_INFO`, if it fixes one: the size the brake gives back to a source whose window it
     /// kept shut (see `relay::sockmap`). None: the socket autotunes, and is left to.
